@@ -99,3 +99,18 @@ class DaxMappingError(ProtocolError):
     the window, unaligned, overflowing or overlapping wrongly; EBADF for an fd that cannot be
     mapped; EACCES for a writable mapping of a read-only fd; ENOMEM when out of mappings.
     """
+
+
+class ReplyError(ProtocolError, OSError):  # type: ignore[misc]
+    """A reply from a device or server that breaks the rules (SECURITY.md B5), seen by a client.
+
+    Both a ``ProtocolError`` (the peer is at fault) and an ``OSError`` with ``errno`` (EIO by
+    default), because that is what the kernel gives the application for the same reply: code
+    using the client's file API catches ``OSError`` as it would around ``os`` calls.
+    """
+
+    def __init__(self, what: str, **kwargs: object) -> None:
+        ProtocolError.__init__(self, what, **kwargs)  # type: ignore[arg-type]
+        # OSError.__init__ (reached through the MRO) resets errno: restore what was asked.
+        self.errno = kwargs.get("errno", _errno.EIO)  # type: ignore[assignment]
+        self.strerror = str(self.args[0]) if self.args else what
