@@ -81,9 +81,18 @@ def encode_dirents(entries: Iterable[DirEntry], limit: int = 1 << 30, plus: bool
     return bytes(buf)
 
 
-def decode_dirents(data: bytes | memoryview, plus: bool = False) -> list[DirEntry]:
-    """Parse a READDIR/READDIRPLUS body; a truncated trailing record is ignored as the kernel does."""
+def decode_dirents(data: bytes | memoryview, plus: bool = False, *,
+                   strict: bool = False) -> list[DirEntry]:
+    """Parse a READDIR/READDIRPLUS body as the kernel does (fs/fuse/readdir.c parse_dirfile).
+
+    A record with ``namelen`` 0 or > FUSE_NAME_MAX, or a '/' or NUL in its name, raises
+    ``ProtocolError`` (the kernel fails the whole reply with EIO).  A trailing record that does
+    not fit with its padding is ignored as the kernel ignores it, unless ``strict`` (the reply
+    validator: a server that sends one loses that entry).
+    """
     view = memoryview(data)
+    if view.format != "B" or view.itemsize != 1:
+        view = view.cast("B")
     out: list[DirEntry] = []
     pos = 0
     fixed = _PLUS.size if plus else _DIRENT.size
@@ -99,7 +108,7 @@ def decode_dirents(data: bytes | memoryview, plus: bool = False) -> list[DirEntr
             raise ProtocolError(f"dirent namelen {d.namelen}", field="namelen", offset=pos,
                                 errno=errno.EIO)
         size = dirent_size(d.namelen, plus)
-        if pos + fixed + d.namelen > len(view):
+        if size > len(view) - pos:
             break
         name = bytes(view[pos + fixed: pos + fixed + d.namelen])
         if b"/" in name or b"\0" in name:
@@ -107,4 +116,7 @@ def decode_dirents(data: bytes | memoryview, plus: bool = False) -> list[DirEntr
                                 errno=errno.EIO)
         out.append(DirEntry(d.ino, d.off, d.type, name, entry))
         pos += size
+    if strict and pos != len(view):
+        raise ProtocolError(f"{len(view) - pos} bytes of a truncated trailing dirent",
+                            field="len", offset=pos, errno=errno.EIO)
     return out

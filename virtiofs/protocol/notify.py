@@ -82,6 +82,10 @@ def decode_notify(buf: bytes | memoryview) -> Notification:
         if len(view) - pos != arg.namelen + 1 or view[pos + arg.namelen] != 0:
             raise ProtocolError(f"{code.name} name length mismatch", field="namelen", offset=pos)
         name = bytes(view[pos:pos + arg.namelen])
+        if b"\0" in name:
+            # encode_notify refuses it too: a name is namelen bytes, the NUL only ends it.
+            raise ProtocolError(f"{code.name} name has an interior NUL", field="name",
+                                offset=pos)
         pos = len(view)
     if row.data:
         if len(view) - pos != arg.size:

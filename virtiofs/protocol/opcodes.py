@@ -34,7 +34,7 @@ XATTR = Payload.XATTR
 ReplyPart = type[Any] | Payload
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class OpSpec:
     """One row of the opcode table."""
 
@@ -58,8 +58,12 @@ class OpSpec:
     extensions: bool = False
     """May carry request extensions (security context, supplementary groups)."""
 
+    def __repr__(self) -> str:
+        return f"OpSpec({self.opcode.name})"
+
     @property
     def name(self) -> str:
+        """The opcode's name without ``FUSE_`` (``"LOOKUP"``)."""
         return self.opcode.name
 
     @property
@@ -83,7 +87,8 @@ class OpSpec:
         if op is Opcode.SETXATTR and not flags & InitFlags.SETXATTR_EXT:
             return C.COMPAT_SETXATTR_IN_SIZE
         if op is Opcode.INIT:
-            # The kernel's INIT carries the *kernel's* minor, which is what we get here.
+            # INIT is sized by the kernel's own version (codec.init_in_size reads it from the
+            # body); ``minor`` here is that version.
             if minor < 6:
                 return 8
             if minor < 36:
@@ -174,8 +179,11 @@ BY_NUMBER: dict[int, OpSpec] = {int(op): spec for op, spec in OPCODES.items()}
 """The same table keyed by plain int, for the hot path (no enum construction per request)."""
 
 for _spec in OPCODES.values():
-    # Items and data are mutually exclusive, and a count field must exist (checked once here).
+    # Items and data are mutually exclusive, a count field must exist, and variable data is
+    # only ever the last reply part (the kernel's out_argvar rule): checked once here.
     assert not (_spec.items and _spec.data), _spec
+    assert _spec.items is None or "count" in _spec.request._fields, _spec  # type: ignore[union-attr]
+    assert all(p not in (DATA, XATTR) for p in _spec.reply[:-1]), _spec
     assert _spec.request is None or _spec.data_size_field is None or \
         _spec.data_size_field in _spec.request._fields, _spec
 

@@ -63,7 +63,18 @@ _SCHEMAS: dict[type[Any], cs.Struct] = {}
 _CODECS: dict[type[Any], Codec] = {}
 
 
-def _field_types(cls: type[Any]) -> list[tuple[str, Any]]:
+def field_types(cls: type[Any]) -> list[tuple[str, Any]]:
+    """``(name, construct type or nested struct class)`` of each field, in wire order."""
+    found = _FIELD_TYPES.get(cls)
+    if found is None:
+        found = _FIELD_TYPES[cls] = _read_field_types(cls)
+    return list(found)
+
+
+_FIELD_TYPES: dict[type[Any], list[tuple[str, Any]]] = {}
+
+
+def _read_field_types(cls: type[Any]) -> list[tuple[str, Any]]:
     hints = typing.get_type_hints(cls, include_extras=True)
     out = []
     for name in cls._fields:
@@ -82,7 +93,7 @@ def schema(cls: type[Any]) -> cs.Struct:
     found = _SCHEMAS.get(cls)
     if found is None:
         parts = []
-        for name, kind in _field_types(cls):
+        for name, kind in field_types(cls):
             parts.append(name / (schema(kind) if isinstance(kind, type) else kind))
         found = cs.Struct(*parts)
         _SCHEMAS[cls] = found
@@ -102,6 +113,64 @@ def _format_of(con: Any) -> str:
     raise LocalProtocolError(f"no struct format for {con!r}")
 
 
+def flat_width(cls: type[Any]) -> int:
+    """How many plain values ``cls`` occupies in its flattened ``struct`` tuple."""
+    return sum(flat_width(kind) if isinstance(kind, type) else 1
+               for _, kind in field_types(cls))
+
+
+def flat_build_expr(cls: type[Any], var: str, start: int, env: dict[str, Any],
+                    whole: bool = False) -> str:
+    """Source of an expression building ``cls`` from ``var[start:start + flat_width(cls)]``.
+
+    Used by the code generated here and in ``codec.py``: nested structs (entry_out.attr, statx
+    times) are rebuilt from slices of one flat ``unpack`` tuple; a struct without nested members
+    goes straight through ``tuple.__new__`` (no per-field work).  ``whole`` says ``var`` is
+    exactly that tuple (no slice needed).  ``env`` receives the names the expression uses.
+    """
+    env["_new"] = tuple.__new__
+    env[f"_c_{cls.__name__}"] = cls
+    kinds = field_types(cls)
+    if not any(isinstance(kind, type) for _, kind in kinds):
+        if whole:
+            return f"_new(_c_{cls.__name__}, {var})"
+        return f"_new(_c_{cls.__name__}, {var}[{start}:{start + flat_width(cls)}])"
+    getters = []
+    index = start
+    for _, kind in kinds:
+        if isinstance(kind, type):
+            getters.append(flat_build_expr(kind, var, index, env))
+            index += flat_width(kind)
+        else:
+            getters.append(f"{var}[{index}]")
+            index += 1
+    return f"_new(_c_{cls.__name__}, ({', '.join(getters)},))"
+
+
+def flat_pack_args(cls: type[Any], expr: str) -> list[str]:
+    """Source of the flat ``struct.pack`` arguments of an instance ``expr`` of ``cls``."""
+    kinds = field_types(cls)
+    if not any(isinstance(kind, type) for _, kind in kinds):
+        return [f"*{expr}"]
+    out: list[str] = []
+    for i, (_, kind) in enumerate(kinds):
+        if isinstance(kind, type):
+            out.extend(flat_pack_args(kind, f"{expr}[{i}]"))
+        else:
+            out.append(f"{expr}[{i}]")
+    return out
+
+
+def struct_format_of(kind: Any) -> str:
+    """The ``struct`` format of one field's construct type (``Int64ul`` -> ``"Q"``)."""
+    return _format_of(kind)
+
+
+def struct_format(cls: type[Any]) -> str:
+    """The ``struct`` format (without byte order) derived from the schema of ``cls``."""
+    return _format_of(schema(cls))
+
+
 def codec(cls: type[Any]) -> Codec:
     """The fast path of a declared wire struct (cached), generated from its schema."""
     found = _CODECS.get(cls)
@@ -112,36 +181,13 @@ def codec(cls: type[Any]) -> Codec:
     packer = struct.Struct(fmt)
     if packer.size != con.sizeof():
         raise LocalProtocolError(f"{cls.__name__}: struct size {packer.size} != {con.sizeof()}")
-
-    # Generated code: flat tuples go straight through tuple.__new__ (no per-field work); nested
-    # structs (entry_out.attr, statx times) are rebuilt from slices of the flat tuple.
-    env: dict[str, Any] = {"_new": tuple.__new__, "_unpack": packer.unpack_from,
-                           "_pack": packer.pack, "_pack_into": packer.pack_into, "_cls": cls}
-    getters: list[str] = []
-    flat_args: list[str] = []
-    index = 0
-    for name, kind in _field_types(cls):
-        if isinstance(kind, type):
-            sub = codec(kind)
-            width = len(struct.Struct(sub.format).unpack(bytes(sub.size)))
-            env[f"_c_{name}"] = kind
-            getters.append(f"_new(_c_{name}, t[{index}:{index + width}])")
-            flat_args.append(f"*o.{name}")
-            index += width
-        else:
-            getters.append(f"t[{index}]")
-            flat_args.append(f"o.{name}")
-            index += 1
-    nested = any(isinstance(kind, type) for _, kind in _field_types(cls))
-    if nested:
-        body = (f"def unpack(buf, offset=0):\n t = _unpack(buf, offset)\n"
-                f" return _new(_cls, ({', '.join(getters)},))\n")
-        body += f"def pack(o):\n return _pack({', '.join(flat_args)})\n"
-        body += f"def pack_into(buf, offset, o):\n _pack_into(buf, offset, {', '.join(flat_args)})\n"
-    else:
-        body = "def unpack(buf, offset=0):\n return _new(_cls, _unpack(buf, offset))\n"
-        body += "def pack(o):\n return _pack(*o)\n"
-        body += "def pack_into(buf, offset, o):\n _pack_into(buf, offset, *o)\n"
+    env: dict[str, Any] = {"_unpack": packer.unpack_from, "_pack": packer.pack,
+                           "_pack_into": packer.pack_into}
+    build = flat_build_expr(cls, "t", 0, env, whole=True)
+    args = ", ".join(flat_pack_args(cls, "o"))
+    body = (f"def unpack(buf, offset=0):\n t = _unpack(buf, offset)\n return {build}\n"
+            f"def pack(o):\n return _pack({args})\n"
+            f"def pack_into(buf, offset, o):\n _pack_into(buf, offset, {args})\n")
     exec(compile(body, f"<codec {cls.__name__}>", "exec"), env)
     found = Codec(cls, packer.size, fmt, env["unpack"], env["pack"], env["pack_into"])
     _CODECS[cls] = found
@@ -163,7 +209,7 @@ def zero(cls: type[T]) -> T:
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build an instance from construct's parse result (or any mapping), nested included."""
     kwargs = {}
-    for name, kind in _field_types(cls):
+    for name, kind in field_types(cls):
         value = values[name]
         kwargs[name] = from_dict(kind, value) if isinstance(kind, type) else value
     return cls(**kwargs)

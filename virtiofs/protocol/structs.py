@@ -482,13 +482,14 @@ class BackingMap(NamedTuple):
 
 class LseekIn(NamedTuple):
     fh: u64
-    offset: s64
+    offset: u64
+    """``uint64_t`` in fuse.h although it carries a loff_t (a negative offset never reaches it)."""
     whence: u32
     padding: u32 = 0
 
 
 class LseekOut(NamedTuple):
-    offset: s64
+    offset: u64
 
 
 class CopyFileRangeIn(NamedTuple):
