@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import FuseError
@@ -62,6 +62,17 @@ class Context:
     """(xattr name, label) pairs from FUSE_SECURITY_CTX for a new inode."""
     unique: int = 0
     """The request's unique id (for logging / interrupts)."""
+    interrupts: Container[int] = field(default=frozenset(), repr=False, compare=False)
+    """The session's live set of interrupted uniques (see ``interrupted``)."""
+
+    @property
+    def interrupted(self) -> bool:
+        """True once the kernel sent FUSE_INTERRUPT for this request.
+
+        The kernel still waits for the request's reply; a handler that waits (SETLKW, a slow
+        read) should look at this and give up with ``FuseError(errno.EINTR)``.
+        """
+        return self.unique in self.interrupts
 
 
 @dataclass
