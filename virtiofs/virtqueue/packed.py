@@ -50,6 +50,7 @@ from virtiofs.virtqueue.ring import (
     PackedLayout,
     decode_packed_vring_base,
     encode_packed_vring_base,
+    store_u16,
     vring_need_event,
 )
 
@@ -58,7 +59,7 @@ __all__ = ["PackedDeviceQueue", "PackedDriverQueue"]
 _unpack_desc = PACKED_DESC.unpack_from
 _pack_desc = PACKED_DESC.pack_into
 _unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
+_pack_u16 = store_u16  # not U16.pack_into: see ring.store_u16
 _unpack_event = EVENT_SUPPRESS.unpack_from
 _pack_event = EVENT_SUPPRESS.pack_into
 _AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED

@@ -43,6 +43,7 @@ __all__ = [
     "SplitLayout",
     "decode_packed_vring_base",
     "encode_packed_vring_base",
+    "store_u16",
     "vring_need_event",
 ]
 
@@ -82,6 +83,19 @@ U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
 USED_ELEM = struct.Struct("<II")  # id, len
 EVENT_SUPPRESS = struct.Struct("<HH")  # off_wrap / desc, flags
+
+
+def store_u16(buf: memoryview, offset: int, value: int) -> None:
+    """Store a u16 ring field in shared memory with one 2-byte store.
+
+    ``struct.pack_into`` zeroes its destination before writing the fields (CPython
+    ``s_pack_internal`` begins with a memset), so a peer process polling a ring index could
+    read 0 in between: measured with the loopback transport across two processes, the driver
+    read used.idx == 0 every few thousand requests and marked the queue broken. Assigning
+    through a memoryview cast to ``H`` is one 2-byte memcpy (a single aligned store on x86-64,
+    native byte order = little-endian there). Added by the client/loopback engineer.
+    """
+    buf[offset:offset + 2].cast("H")[0] = value
 
 
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:

@@ -39,6 +39,7 @@ from virtiofs.virtqueue.ring import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     SplitLayout,
+    store_u16,
     vring_need_event,
 )
 
@@ -47,7 +48,7 @@ __all__ = ["SplitDeviceQueue", "SplitDriverQueue"]
 _unpack_desc = SPLIT_DESC.unpack_from
 _pack_desc = SPLIT_DESC.pack_into
 _unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
+_pack_u16 = store_u16  # not U16.pack_into: see ring.store_u16
 _unpack_elem = USED_ELEM.unpack_from
 _pack_elem = USED_ELEM.pack_into
 
