@@ -258,6 +258,27 @@ class DaxRangeAllocator:
             return None
         return r.moffset + (foffset & (self._size - 1)), r.writable
 
+    def hit(self, nodeid: int, foffset: int, write: bool = False) -> int | None:
+        """The fast path of :meth:`get_range` for a range already mapped: the window offset of
+        ``foffset`` when its range is ready (and writable, for ``write``), marked most recently
+        used; else None (then call :meth:`get_range`). O(1), allocates nothing.
+
+        No pin is taken: the caller must keep reclaim and release out until it is done with
+        the window bytes, by holding the lock that serialises calls to this allocator while
+        it copies (reclaim detaches a range under that lock before anything unmaps it).
+        """
+        table = self._inodes.get(nodeid)
+        if table is None:
+            return None
+        ri = table.get(foffset >> self._shift)
+        if ri is None:
+            return None
+        r = self._ranges[ri]
+        if r.state is not _State.READY or (write and not r.writable):
+            return None
+        self._lru.move_to_end(ri)
+        return r.moffset + (foffset & (self._size - 1))
+
     def inode_ranges(self, nodeid: int) -> dict[int, tuple[int, bool]]:
         """File range index -> (window offset, writable) of the ready ranges of ``nodeid``."""
         out: dict[int, tuple[int, bool]] = {}
