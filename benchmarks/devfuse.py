@@ -75,6 +75,12 @@ def _passthrough_factory() -> None:
         return PassthroughFS(src)
     FACTORIES.setdefault("passthrough", (build, {}))
 
+    def build_nopt() -> Any:
+        # Reads and writes served in Python (no FUSE_PASSTHROUGH): what the data path costs.
+        src = tempfile.mkdtemp(prefix="devfuse-bench-src-", dir="/dev/shm")
+        return PassthroughFS(src, passthrough=False)
+    FACTORIES.setdefault("passthrough-nopt", (build_nopt, {}))
+
 
 _passthrough_factory()
 
