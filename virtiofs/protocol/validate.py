@@ -152,7 +152,9 @@ def _check_entry(request: Request, entry: S.EntryOut) -> None:
     _check_attr(request, entry.attr, "attr")
     want = _CREATED_TYPE.get(op)
     if op is Opcode.MKNOD:
-        want = stat.S_IFMT(request.arg.mode)
+        # A type of 0 is a regular file (mknod(2); the VFS turns it into S_IFREG before any
+        # filesystem sees it, and MemoryFS/PassthroughFS do the same for a raw MKNOD).
+        want = stat.S_IFMT(request.arg.mode) or stat.S_IFREG
     if want is not None and stat.S_IFMT(entry.attr.mode) != want:
         raise _fail(f"{op.name} returned file type {stat.S_IFMT(entry.attr.mode):#o}, "
                     f"asked for {want:#o}", request, "attr.mode")

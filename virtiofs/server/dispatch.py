@@ -73,6 +73,16 @@ def is_unlock(request: Buffer) -> bool:
         return False
     return int(_LK_TYPE.unpack_from(request, _LK_TYPE_OFFSET)[0]) == _F_UNLCK
 
+_NOTHING: frozenset[int] = frozenset()
+_EVERY_BYTE = frozenset(range(256))
+
+
+def _low_bytes(opcodes: Collection[int]) -> frozenset[int]:
+    if isinstance(opcodes, _All):
+        return _EVERY_BYTE
+    return frozenset(int(op) & 0xFF for op in opcodes)
+
+
 _STOP = object()
 _PUT_SLICE = 0.5
 """Seconds between two looks at the shutdown flag while a full queue blocks ``run``."""
@@ -184,14 +194,42 @@ class Dispatcher:
 
     ``pool`` serves the opcodes in ``pooled`` (default: SETLKW); without a pool everything
     runs inline.  Transport-neutral: the transport supplies the ``reply`` callable.
+
+    A transport's hot loop may skip ``dispatch`` for the requests served inline: those whose
+    byte 4 (the opcode's low byte) is not in ``pooled_low`` (see ``pooled_low``).
     """
 
     def __init__(self, session: Session, pool: WorkerPool | None = None, *,
                  pooled: Collection[int] = DEFAULT_POOLED) -> None:
         self.session = session
-        self.pool = pool
-        self.pooled = pooled
         self._handle = session.handle
+        self._pool = pool
+        self.pooled = pooled
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The worker pool (None: everything inline)."""
+        return self._pool
+
+    @pool.setter
+    def pool(self, pool: WorkerPool | None) -> None:
+        self._pool = pool
+        self.pooled_low = _low_bytes(self._pooled) if pool is not None else _NOTHING
+
+    @property
+    def pooled(self) -> Collection[int]:
+        """Opcodes served on the pool (when there is one)."""
+        return self._pooled
+
+    @pooled.setter
+    def pooled(self, pooled: Collection[int]) -> None:
+        self._pooled = pooled
+        self.pooled_low = _low_bytes(pooled) if self._pool is not None else _NOTHING
+
+    pooled_low: frozenset[int]
+    """Low bytes of the opcodes that may go to the pool: a request whose ``request[4]`` is not
+    in it is served inline, ``session.handle(request)``, with the same result as ``dispatch``
+    (a cheap test for a transport's hot loop; false positives just take ``dispatch``)."""
 
     def dispatch(self, request: Buffer, reply: Callable[[ReplyParts], None], *,
                  owned: bool = False) -> None:
@@ -200,30 +238,35 @@ class Dispatcher:
         ``owned``: the request buffer stays valid after this call returns (otherwise it is
         copied before going to the pool, since transports reuse their read buffers).
         """
-        pool = self.pool
-        opcode = request_opcode(request)
-        if pool is not None and opcode in self.pooled:
-            item = request if owned else bytes(request)
-            if opcode in _UNBOUNDED_WAIT:
-                if is_unlock(request):
-                    # An unlock (Python's lockf sends F_UNLCK with F_SETLKW) never waits: serve
-                    # it here, it may be what ends the waits the pool is full of.
-                    parts = self._handle(request)
-                    if parts is not None:
-                        reply(parts)
-                    return
-                if not pool.try_run(self._serve, item, reply):
-                    # Blocking this reader on a full pool could leave no reader for the unlock
-                    # that ends the waits: the mount would freeze (tests/test_resource_bounds.py
-                    # ..._lock_waiters_beyond_the_pool...).  ENOLCK: fcntl's "lock table full".
-                    log.warning("worker pool full: answering SETLKW with ENOLCK")
-                    reply([encode_error(_unique(request), errno.ENOLCK)])
+        pool = self._pool
+        if pool is not None:
+            opcode = request_opcode(request)
+            if opcode in self._pooled:
+                self._to_pool(pool, opcode, request, reply, owned)
                 return
-            pool.run(self._serve, item, reply)
-            return
         parts = self._handle(request)
         if parts is not None:
             reply(parts)
+
+    def _to_pool(self, pool: WorkerPool, opcode: int, request: Buffer,
+                 reply: Callable[[ReplyParts], None], owned: bool) -> None:
+        item = request if owned else bytes(request)
+        if opcode in _UNBOUNDED_WAIT:
+            if is_unlock(request):
+                # An unlock (Python's lockf sends F_UNLCK with F_SETLKW) never waits: serve
+                # it here, it may be what ends the waits the pool is full of.
+                parts = self._handle(request)
+                if parts is not None:
+                    reply(parts)
+                return
+            if not pool.try_run(self._serve, item, reply):
+                # Blocking this reader on a full pool could leave no reader for the unlock
+                # that ends the waits: the mount would freeze (tests/test_resource_bounds.py
+                # ..._lock_waiters_beyond_the_pool...).  ENOLCK: fcntl's "lock table full".
+                log.warning("worker pool full: answering SETLKW with ENOLCK")
+                reply([encode_error(_unique(request), errno.ENOLCK)])
+            return
+        pool.run(self._serve, item, reply)
 
     def _serve(self, request: Buffer, reply: Callable[[ReplyParts], None]) -> None:
         parts = self._handle(request)
@@ -232,5 +275,5 @@ class Dispatcher:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the pool (after what is queued has been served)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, timeout=timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, timeout=timeout)
