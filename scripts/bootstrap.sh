@@ -7,7 +7,7 @@
 #   Debian packages: qemu-system-x86 (QEMU 7.2, TCG guests), qemu-system-common (QEMU's C
 #   virtiofsd at /usr/lib/qemu/virtiofsd, the reference back-end), busybox-static (guest
 #   initramfs), cpio, fio and stress-ng (benchmarks, load).
-#   Python: pip install -e .[test] for this checkout (skipped when already editable here).
+#   Python: pip install -e .[test,fuzz] for this checkout (skipped when already editable here).
 #   --with-kernel: also fetch the guest kernels (6.12 and 6.1) into the harness cache
 #   (~/.cache/virtiofs/guest or $VIRTIOFS_CACHE), otherwise the first guest test does it.
 #
@@ -104,8 +104,8 @@ here = os.path.realpath(os.path.join(os.environ["ROOT"], "virtiofs"))
 sys.exit(0 if os.path.realpath(os.path.dirname(virtiofs.__file__)) == here
          and distribution("virtiofs") else 1)
 EOF
-        log "pip install -e .[test]"
-        (cd "$ROOT" && "$PYTHON" -m pip install -q -e ".[test]")
+        log "pip install -e .[test,fuzz]"
+        (cd "$ROOT" && "$PYTHON" -m pip install -q -e ".[test,fuzz]")
     fi
 fi
 
