@@ -135,12 +135,18 @@ class SameAsLocal(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
-        self.here = tempfile.mkdtemp(dir=self.mount_root)
-        self.ref = tempfile.mkdtemp()
+        # One level down in fresh, empty parents: a symlink to "../b" then resolves to the same
+        # (absent) name on both sides, whatever else lies in /tmp or beside the mount.
+        self.here_parent = tempfile.mkdtemp(dir=self.mount_root)
+        self.ref_parent = tempfile.mkdtemp()
+        self.here = os.path.join(self.here_parent, "t")
+        self.ref = os.path.join(self.ref_parent, "t")
+        os.mkdir(self.here)
+        os.mkdir(self.ref)
 
     def teardown(self) -> None:
-        shutil.rmtree(self.here, ignore_errors=True)
-        shutil.rmtree(self.ref, ignore_errors=True)
+        shutil.rmtree(self.here_parent, ignore_errors=True)
+        shutil.rmtree(self.ref_parent, ignore_errors=True)
 
     def both(self, fn: Callable[..., Any], *names: str, extra: tuple[Any, ...] = ()) -> Any:
         a = _outcome(fn, *[os.path.join(self.here, n) for n in names], *extra)

@@ -290,3 +290,33 @@ def test_serve_process_root_is_confined(tmp: Path, mode: str) -> None:
         assert not sock.exists()
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("sandbox", ["none", "chroot", "namespace"])
+def test_xattrs_and_truncate_work_in_every_sandbox(tmp: Path, sandbox: str) -> None:
+    # The chroot sandbox has no /proc: PassthroughFS must reach O_PATH-held files through the
+    # /proc/self/fd directory fd it opened before confinement (C virtiofsd's proc_self_fd).
+    from virtiofs.client import Client
+    from virtiofs.client.queue_channel import QueueChannel
+    from virtiofs.transport.vhost_user.frontend import Frontend as RealFrontend
+
+    shared = tmp / "shared"
+    shared.mkdir()
+    (shared / "f").write_bytes(b"0123456789")
+    proc, sock = start_serve(tmp, "--shared-dir", str(shared), "--sandbox", sandbox, "--xattr")
+    try:
+        with RealFrontend.connect(sock) as fe:
+            c = Client(QueueChannel.for_driver(fe), timeout=30)
+            c.setxattr("/f", b"user.k", b"v")
+            c.setxattr("/", b"user.d", b"w")
+            assert c.getxattr("/f", b"user.k") == b"v"
+            assert "user.k" in c.listxattr("/f")
+            assert c.getxattr("/", b"user.d") == b"w"
+            c.removexattr("/f", b"user.k")
+            c.truncate("/f", 4)
+            c.close()
+        assert (shared / "f").read_bytes() == b"0123"
+        assert os.listxattr(shared / "f") == []
+        assert os.getxattr(shared, b"user.d") == b"w"
+    finally:
+        stop(proc)

@@ -64,7 +64,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ..errors import FuseError
 from ..protocol import DirEntry, InitFlags
@@ -351,6 +351,8 @@ class _FdBudget:
         except IndexError:  # pragma: no cover - more gives than takes would be our bug
             pass
 
+
+_T = TypeVar("_T")
 
 class _Inode:
     """A host inode the kernel knows, pinned by an O_PATH fd closed when the object dies."""
@@ -765,6 +767,29 @@ class PassthroughFS(Filesystem):
         """The /proc/self/fd magic link of an inode (for path-only system calls)."""
         return f"/proc/self/fd/{inode.fd}"
 
+    def _on_inode(self, inode: _Inode, call: Callable[..., _T], *args: Any,
+                  write: bool = False) -> _T:
+        """Run a path-or-fd system call (xattrs, truncate) on an inode held by an O_PATH fd.
+
+        Regular files and directories are reopened relative to the ``/proc/self/fd`` directory
+        fd opened at start, as C virtiofsd does (``openat(proc_self_fd, "N")``): that works in
+        the chroot sandbox, where no /proc is mounted.  Other kinds (symlinks, FIFOs, devices)
+        must never be opened (CVE-2020-35517), so they go through the absolute magic link,
+        which the namespace sandbox and no sandbox provide.
+        """
+        if inode.kind in (stat.S_IFREG, stat.S_IFDIR):
+            flags = os.O_CLOEXEC | os.O_NONBLOCK
+            if inode.kind == stat.S_IFDIR:
+                flags |= os.O_RDONLY | os.O_DIRECTORY
+            else:
+                flags |= os.O_WRONLY if write else os.O_RDONLY
+            fd = os.open(str(inode.fd), flags, dir_fd=self._proc_fd)
+            try:
+                return call(fd, *args)
+            finally:
+                os.close(fd)
+        return call(self._proc(inode), *args)
+
     def _reopen(self, inode: _Inode, flags: int) -> int:
         """A real fd for a regular file or directory from its O_PATH fd, never for others."""
         if inode.kind == stat.S_IFDIR:
@@ -859,7 +884,7 @@ class PassthroughFS(Filesystem):
             try:
                 # Through the magic link: fremovexattr on an O_PATH fd fails with EBADF
                 # (virtiofsd b65ca73), and FIFOs/symlinks have nothing else.
-                os.removexattr(self._proc(inode), self._cap_name)
+                self._on_inode(inode, os.removexattr, self._cap_name)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.EPERM):
                     raise
@@ -995,7 +1020,7 @@ class PassthroughFS(Filesystem):
                 if handle is not None and handle.writable:
                     os.ftruncate(handle.fd, attr.size)
                 else:
-                    os.truncate(self._proc(inode), attr.size)
+                    self._on_inode(inode, os.truncate, attr.size, write=True)
                 kill = bool(valid & SetattrValid.KILL_SUIDGID) or ctx.uid != 0
                 if self.killpriv and (kill or self._cap_name is not None):
                     self._kill_privs(inode, None, suid=kill)
@@ -1646,7 +1671,7 @@ class PassthroughFS(Filesystem):
         try:
             # Through the magic link: works for O_PATH-only inodes (symlinks, FIFOs, devices)
             # without opening them.
-            os.setxattr(self._proc(inode), host, value, flags)
+            self._on_inode(inode, os.setxattr, host, value, flags)
         except OSError as exc:
             raise _oserror(exc) from None
 
@@ -1656,14 +1681,14 @@ class PassthroughFS(Filesystem):
         host = (self.xattrmap.to_server(name, getting=True) if self.xattrmap is not None
                 else name)
         try:
-            return os.getxattr(self._proc(inode), host)
+            return self._on_inode(inode, os.getxattr, host)
         except OSError as exc:
             raise _oserror(exc) from None
 
     def listxattr(self, ctx: Context, ino: int) -> list[bytes]:
         inode = self._xattr_inode(ino)
         try:
-            names = [os.fsencode(n) for n in os.listxattr(self._proc(inode))]
+            names = [os.fsencode(n) for n in self._on_inode(inode, os.listxattr)]
         except OSError as exc:
             raise _oserror(exc) from None
         if self.xattrmap is None:
@@ -1681,7 +1706,7 @@ class PassthroughFS(Filesystem):
         self._check_xattr_name(name)
         host = self.xattrmap.to_server(name) if self.xattrmap is not None else name
         try:
-            os.removexattr(self._proc(inode), host)
+            self._on_inode(inode, os.removexattr, host)
         except OSError as exc:
             raise _oserror(exc) from None
 
