@@ -320,3 +320,38 @@ def test_xattrs_and_truncate_work_in_every_sandbox(tmp: Path, sandbox: str) -> N
         assert os.getxattr(shared, b"user.d") == b"w"
     finally:
         stop(proc)
+
+
+def test_cache_size_serves_reads_through_the_dax_window(tmp: Path) -> None:
+    # `virtiofs serve --cache-size` offers SHMEM_MAP; our front-end takes the window size from
+    # GET_SHMEM_CONFIG (dax_window=-1) and the client reads without FUSE_READ after the mapping.
+    from virtiofs.client import Client
+    from virtiofs.client.queue_channel import QueueChannel
+    from virtiofs.protocol import Opcode
+    from virtiofs.transport.vhost_user.frontend import Frontend as RealFrontend
+
+    shared = tmp / "shared"
+    shared.mkdir()
+    data = os.urandom(1 << 20)
+    (shared / "f").write_bytes(data)
+    proc, sock = start_serve(tmp, "--shared-dir", str(shared), "--sandbox", "none",
+                             "--cache-size", "8M")
+    try:
+        with RealFrontend.connect(sock, dax_window=-1) as fe:
+            c = Client(QueueChannel.for_driver(fe), cache="always", dax=True, timeout=30)
+            with c.open("/f", "rb") as f:
+                for _ in range(5):
+                    f.seek(0)
+                    assert f.read() == data
+            assert c.stats[Opcode.SETUPMAPPING] == 1
+            assert c.stats[Opcode.READ] == 0
+            c.close()
+    finally:
+        stop(proc)
+
+
+def test_cache_size_must_be_whole_dax_ranges() -> None:
+    result = run_cli("--socket-path", "/tmp/x.sock", "--shared-dir", "/tmp", "--cache-size", "3M")
+    assert result.returncode == 2
+    assert "multiple of 2 MiB" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -37,6 +37,7 @@ from virtiofs.server.memfs import MemoryFS
 from virtiofs.server.passthrough import PassthroughFS
 from virtiofs.server.session import Session
 from virtiofs.transport.vhost_user.backend import VhostUserBackend, listen_unix
+from virtiofs.transport.vhost_user.dax import DaxVhostUserBackend
 from virtiofs.transport.vhost_user.sandbox import SANDBOX_MODES, SandboxError, run_sandboxed
 
 HELP = "Serve a directory to a QEMU guest over vhost-user (the virtiofsd role)"
@@ -79,6 +80,17 @@ class ServeConfig:
     reconnect: bool = False
     tag: str | None = None
     socket_mode: int | None = None
+    cache_size: int = 0
+    """DAX window size offered to front-ends that speak SHMEM_MAP (0: no DAX)."""
+
+
+def parse_size(text: str) -> int:
+    """``"64M"`` -> 67108864; a ``ConfigError`` for anything else."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body, unit = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "")
+    if unit not in units or not body.isdigit():
+        raise ConfigError(f"bad size {text!r} (a number with an optional K, M or G suffix)")
+    return int(body) * units[unit]
 
 
 # -- -o parsing --------------------------------------------------------------------------------
@@ -166,6 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse every modification (EROFS), whatever the guest mounts")
     parser.add_argument("--announce-submounts", action="store_true", default=None,
                         help="flag directories on other host filesystems as submounts")
+    parser.add_argument("--cache-size", default="0", metavar="SIZE",
+                        help="offer a DAX window of SIZE bytes (K/M/G suffixes, a multiple of "
+                             "2M) to front-ends that speak SHMEM_MAP; 0 (default): no DAX")
     parser.add_argument("--thread-pool-size", type=int, default=None, metavar="N",
                         help="serve requests on N threads (0, the default: in each queue's thread)")
     parser.add_argument("--sandbox", choices=SANDBOX_MODES, default=None,
@@ -196,7 +211,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if not args.socket_path:
         raise ConfigError("--socket-path is required")
     cfg = ServeConfig(socket_path=args.socket_path, shared_dir=merged.pop("shared_dir", None),
-                      memory=args.memory, reconnect=args.reconnect, tag=args.tag)
+                      memory=args.memory, reconnect=args.reconnect, tag=args.tag,
+                      cache_size=parse_size(args.cache_size))
     for name, value in merged.items():
         setattr(cfg, name, value)
     if cfg.cache not in CACHE_MODES:
@@ -215,6 +231,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError("give exactly one of --shared-dir (or -o source=) and --memory")
     if cfg.shared_dir is not None and not os.path.isdir(cfg.shared_dir):
         raise ConfigError(f"shared directory {cfg.shared_dir!r} is not a directory")
+    if cfg.cache_size and (cfg.memory or cfg.cache_size % (2 << 20)):
+        raise ConfigError("--cache-size needs --shared-dir and a multiple of 2 MiB (the DAX "
+                          "range size of Linux guests)")
     if cfg.writeback and cfg.cache == "none":
         raise ConfigError("--writeback needs caching (not with cache=none)")
     if cfg.tag is not None and not 0 < len(cfg.tag.encode()) <= 36:
@@ -258,9 +277,13 @@ def serve(cfg: ServeConfig) -> int:
 
     def child() -> int:
         fs = box["fs"]
-        backend = VhostUserBackend(lambda: Session(fs), listener=listener,
-                                   reconnect=cfg.reconnect,
-                                   thread_pool_size=cfg.thread_pool_size, tag=cfg.tag)
+        options: dict[str, Any] = {}
+        backend_class: type[VhostUserBackend] = VhostUserBackend
+        if cfg.cache_size:
+            backend_class, options["dax_window"] = DaxVhostUserBackend, cfg.cache_size
+        backend = backend_class(lambda: Session(fs), listener=listener,
+                                reconnect=cfg.reconnect,
+                                thread_pool_size=cfg.thread_pool_size, tag=cfg.tag, **options)
 
         def stop(signum: int, _frame: object) -> None:
             log.info("signal %d: stopping", signum)
