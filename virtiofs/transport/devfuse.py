@@ -577,25 +577,28 @@ def mount(fs: Filesystem, mountpoint: str | os.PathLike[str], **options: Any) ->
 def serve(fs: Filesystem, mountpoint: str | os.PathLike[str], **options: Any) -> int:
     """Mount ``fs`` and serve it in the foreground until it is unmounted or SIGINT/SIGTERM
     arrives (handlers installed only when called from the main thread).  Returns 0."""
-    m = mount(fs, mountpoint, **options)
     previous: dict[signal.Signals, Any] = {}
     signalled: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        signalled.append(signum)
-        m._wake.set()
+        signalled.append(signum)  # the serving loop below looks every 0.2 s
 
+    # The handlers go in before mount(2): whoever sees the mount may signal at once, and a
+    # signal must then unmount cleanly rather than kill the process with the mount left behind.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
     try:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, on_signal)
-        # Woken by the last reader or a signal; the slice only bounds each wait.
-        while not m._wake.wait(1.0):
-            pass
-        if signalled:
-            log.info("signal %d: unmounting %s", signalled[0], m.mountpoint)
+        m = mount(fs, mountpoint, **options)
+        try:
+            # Woken by the last reader or a signal; the slice only bounds each wait.
+            while not signalled and not m._wake.wait(0.2):
+                pass
+            if signalled:
+                log.info("signal %d: unmounting %s", signalled[0], m.mountpoint)
+        finally:
+            m.unmount()
     finally:
-        m.unmount()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
