@@ -3,14 +3,9 @@
 
 Measured in one run, each as median [min-max] over ``--runs`` runs:
 
-- GETATTR round trips/s through the loopback queues, server process serving MemoryFS: the
-  client's lowest-level call (``Client(cache="none").getattr(1)``), and the Pythonic
-  ``stat("/")`` (one GETATTR each, plus the path and ``os.stat_result``); with the CPU time each
-  process spent per round trip (client: this process; server: every thread of the server
-  process, from ``/proc/PID/task/*/schedstat`` in ns). Busy-polling (``--poll``, 50 µs by
-  default on both sides) counts as CPU time: with both processes on one CPU it backs off and
-  costs nearly nothing, on two CPUs each side spins while the other works;
-- ``getattr(1)`` through ``SessionChannel`` (client + session in one process, no transport):
+- GETATTR round trips/s through the loopback queues (``Client(cache="none").stat("/")``: one
+  GETATTR each), server process serving MemoryFS;
+- the same GETATTR through ``SessionChannel`` (client + session in one process, no transport):
   the protocol's own cost;
 - the floor of any eventfd transport between two Python processes: a bare kick/call eventfd
   ping-pong (no ring, no FUSE);
@@ -19,10 +14,9 @@ Measured in one run, each as median [min-max] over ``--runs`` runs:
   (``readinto``: one memcpy), against a plain 1 MiB memcpy in this process.
 
 FACTS.md: on these 2-vCPU machines a cross-vCPU wake-up costs ~50 µs, so the primary mode pins
-both processes to CPU 0 (``--pin 0``, the default); ``--pin none`` gives the unpinned figures
-(where busy-polling replaces those wake-ups).
+both processes to CPU 0 (``--pin 0``, the default); ``--pin none`` gives the unpinned figures.
 
-    python3 benchmarks/loopback.py [--runs 5] [--pin 0|none] [--seconds 1.0] [--poll 50e-6]
+    python3 benchmarks/loopback.py [--runs 5] [--pin 0|none] [--seconds 1.0]
 """
 
 from __future__ import annotations
@@ -46,7 +40,6 @@ from virtiofs.protocol.structs import GetattrIn, ReadIn  # noqa: E402
 from virtiofs.server.memfs import MemoryFS  # noqa: E402
 from virtiofs.server.session import Session  # noqa: E402
 from virtiofs.transport.loopback import LoopbackDriver, spawn_server  # noqa: E402
-from virtiofs.virtqueue import DEFAULT_POLL_LIMIT  # noqa: E402
 
 MIB = 1 << 20
 
@@ -100,54 +93,40 @@ def pingpong(seconds: float, pin: str | None) -> float:
 def session_getattr(seconds: float) -> float:
     c = Client(SessionChannel(Session(MemoryFS())), cache="none")
     try:
-        return rate(lambda: c.getattr(1) and None, seconds)
+        return rate(lambda: c.stat("/") and None, seconds)
     finally:
         c.close()
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of a process (``/proc/PID/task/*/schedstat``, first field:
-    ns on the CPU; /proc/PID/stat counts clock ticks, too coarse for ~10 µs requests)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended meanwhile
-    return total / 1e9
+    """utime + stime of a process (/proc/PID/stat fields 14-15, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def round_trips(fn: Callable[[], object], seconds: float,
-                server_pid: int) -> tuple[float, float, float]:
-    """(calls/s, client CPU µs/call, server CPU µs/call) of ``fn`` over about ``seconds``."""
-    for _ in range(200):
-        fn()
-    n = 0
-    c0, s0, t0 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(100):
-            fn()
-        n += 100
-    el = time.perf_counter() - t0
-    return (n / el, (time.process_time() - c0) / n * 1e6,
-            (_cpu_seconds(server_pid) - s0) / n * 1e6)
-
-
-def loopback(seconds: float, pin: str | None, threads: int,
-             poll: float) -> dict[str, float]:
-    """Every two-process figure of one run (see the module docstring), by name."""
-    out: dict[str, float] = {}
+def loopback(seconds: float, pin: str | None,
+             threads: int) -> tuple[float, float, float, float, float, float]:
+    """(GETATTR/s, client CPU µs/GETATTR, server CPU µs/GETATTR, GETATTR/s with ``threads``
+    client threads, 1 MiB READ into the driver buffer GB/s, 1 MiB readinto GB/s)."""
     driver = LoopbackDriver.create(memory_size=64 * MIB)
     try:
-        with spawn_server(driver, ["--memfs"], taskset=pin, poll=poll) as proc:
-            c = Client(QueueChannel.for_driver(driver, poll=poll), cache="none", timeout=30)
+        with spawn_server(driver, ["--memfs"], taskset=pin) as proc:
+            c = Client(QueueChannel.for_driver(driver), cache="none", timeout=30)
             try:
-                out["getattr"], out["ccpu"], out["scpu"] = round_trips(
-                    lambda: c.getattr(1), seconds, proc.pid)
-                out["stat"], out["stat_ccpu"], out["stat_scpu"] = round_trips(
-                    lambda: c.stat("/"), seconds, proc.pid)
-                out["multi"] = threaded(c, threads, seconds)
-                out["batch"] = in_flight(c, 16, seconds)
+                for _ in range(200):
+                    c.stat("/")
+                n = 0
+                c0, s0, t0 = time.process_time(), _cpu_seconds(proc.pid), time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    for _ in range(100):
+                        c.stat("/")
+                    n += 100
+                el = time.perf_counter() - t0
+                client_cpu = (time.process_time() - c0) / n * 1e6
+                server_cpu = (_cpu_seconds(proc.pid) - s0) / n * 1e6
+                getattr_rate = n / el
+                multi = threaded(c, threads, seconds)
+                batch = in_flight(c, 16, seconds)
                 with c.open("/big", "w") as f:
                     f.write(os.urandom(MIB))
                 f = c.open("/big", "r")
@@ -163,14 +142,14 @@ def loopback(seconds: float, pin: str | None, threads: int,
                 def read_into() -> None:
                     if f.pread_into(buf, 0) != MIB:
                         raise RuntimeError("short readinto")
-                out["read_chan"] = rate(read_channel, seconds) * MIB / 1e9
-                out["read_into"] = rate(read_into, seconds) * MIB / 1e9
+                chan = rate(read_channel, seconds) * MIB / 1e9
+                into = rate(read_into, seconds) * MIB / 1e9
                 f.close()
             finally:
                 c.close()
     finally:
         driver.close()
-    return out
+    return getattr_rate, client_cpu, server_cpu, multi, batch, chan, into
 
 
 def in_flight(c: Client, depth: int, seconds: float) -> float:
@@ -244,34 +223,36 @@ def main() -> int:
     p.add_argument("--pin", default="0", help="CPU for both processes, or 'none'")
     p.add_argument("--threads", type=int, default=8, help="client threads for the "
                    "requests-in-flight figure")
-    p.add_argument("--poll", type=float, default=DEFAULT_POLL_LIMIT,
-                   help="busy-poll limit of both sides in seconds (0: never poll)")
     args = p.parse_args()
     pin = None if args.pin == "none" else args.pin
     if pin is not None:
         os.sched_setaffinity(0, {int(pin)})
-    res: dict[str, list[float]] = {}
+    res: dict[str, list[float]] = {k: [] for k in (
+        "pingpong", "session", "getattr", "ccpu", "scpu", "multi", "batch", "read_chan",
+        "read_into", "memcpy", "calib")}
     for _ in range(args.runs):
-        one = {"calib": calibration(), "pingpong": pingpong(args.seconds, pin),
-               "session": session_getattr(args.seconds)}
-        one.update(loopback(args.seconds, pin, args.threads, args.poll))
-        one["memcpy"] = memcpy(args.seconds)
-        for k, v in one.items():
-            res.setdefault(k, []).append(v)
+        res["calib"].append(calibration())
+        res["pingpong"].append(pingpong(args.seconds, pin))
+        res["session"].append(session_getattr(args.seconds))
+        g, cc, sc, mt, bt, rc, ri = loopback(args.seconds, pin, args.threads)
+        res["batch"].append(bt)
+        res["getattr"].append(g)
+        res["ccpu"].append(cc)
+        res["scpu"].append(sc)
+        res["multi"].append(mt)
+        res["read_chan"].append(rc)
+        res["read_into"].append(ri)
+        res["memcpy"].append(memcpy(args.seconds))
     mode = f"pinned to CPU {pin}" if pin is not None else "unpinned"
-    print(f"loopback benchmark, {mode}, busy-poll {args.poll * 1e6:g} us, {args.runs} runs "
-          "(median [min-max])")
+    print(f"loopback benchmark, {mode}, {args.runs} runs (median [min-max])")
     print(f"  eventfd ping-pong, 2 processes     {summary(res['pingpong'], ',.0f')} round trips/s")
     print(f"  GETATTR via SessionChannel (1 proc){summary(res['session'], ',.0f'):>28} /s")
     print(f"  GETATTR via loopback, 2 processes  {summary(res['getattr'], ',.0f')} /s "
-          f"(target >= 30,000; Client.getattr(nodeid))")
+          f"(target >= 30,000)")
     ratio = [g / p for g, p in zip(res["getattr"], res["pingpong"], strict=True)]
     print(f"    = {summary(ratio, '.2f')} x the bare eventfd ping-pong")
     print(f"    CPU per GETATTR: client {summary(res['ccpu'], '.1f')} us, server "
           f"{summary(res['scpu'], '.1f')} us")
-    print(f"  stat('/') via loopback, 2 processes{summary(res['stat'], ',.0f'):>28} /s")
-    print(f"    CPU per stat: client {summary(res['stat_ccpu'], '.1f')} us, server "
-          f"{summary(res['stat_scpu'], '.1f')} us")
     print(f"  GETATTR via loopback, {args.threads} threads  {summary(res['multi'], ',.0f')} /s")
     print(f"  GETATTR via loopback, 16 in flight {summary(res['batch'], ',.0f')} /s "
           "(one thread, request_many)")

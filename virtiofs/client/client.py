@@ -265,12 +265,6 @@ def _parse_mode(mode: str) -> int:
 
 
 _IN_PACK = struct.Struct("<IIQQIIIHH").pack
-# in_header + fuse_getattr_in in one pack: GETATTR is the request the hot path is tuned for.
-_GETATTR_REQ = struct.Struct("<IIQQIIIHHIIQ")
-_GETATTR_PACK = _GETATTR_REQ.pack
-_GETATTR = Opcode.GETATTR
-_GETATTR_IN_SIZE = 16
-_S_IFMT = 0o170000
 _OUT_UNPACK = struct.Struct("<IiQ").unpack_from
 
 
@@ -280,7 +274,7 @@ class _Plan:
     precomputed once: they cost ~15 µs a message here, this path ~3)."""
 
     __slots__ = ("opcode", "op", "arg_cls", "arg_pack", "arg_size", "names", "data", "parts",
-                 "reply_size", "single", "variable", "minor", "unpack")
+                 "reply_size", "single", "variable", "minor")
 
     def __init__(self, opcode: Opcode, minor: int, flags: int) -> None:
         spec = OPCODES[opcode]
@@ -307,10 +301,6 @@ class _Plan:
         """Bytes of the fixed reply parts, out_header included."""
         self.variable = any(p is None for p in parts)
         self.single = parts[0] if len(parts) == 1 and parts[0] is not None else None
-        self.unpack = (self.single[0].unpack if self.single is not None
-                       and self.single[1] == self.single[0].size else None)
-        """The reply's only struct, at its full size for this minor: a success reply of
-        exactly ``reply_size`` bytes is ``unpack(view, 16)`` (what ``decode`` would do)."""
 
     def encode(self, unique: int, nodeid: int, arg: Any, names: Sequence[bytes],
                data: Buffer, uid: int, gid: int, pid: int) -> list[Buffer]:
@@ -500,25 +490,9 @@ class Client:
               ext: Sequence[Any] = (), path: PathLike | None = None,
               path2: PathLike | None = None) -> Any:
         """One request → the reply's value; errno replies raise OSError."""
-        if ext or self._closed:
-            plan = self._plans.get(opcode) or self._plan(opcode)
-            with self._transact(opcode, nodeid, arg, names, data, extra=extra, ext=ext) as rb:
-                err, value = plan.decode(rb.view, xattr_size)
-        else:
-            # _transact, inline: the path of nearly every request.
-            plan = self._plans.get(opcode) or self._plan(opcode)
-            parts = plan.encode(next(self._unique), nodeid, arg, names, data, self.uid,
-                                self.gid, self.pid)
-            self.stats[opcode] += 1
-            timeout = self.timeout
-            rb = self.channel.request(parts, plan.reply_size + extra,
-                                      timeout=timeout if timeout is not None else self._timeout())
-            try:
-                if rb.interrupted:
-                    self.stats[Opcode.INTERRUPT] += 1
-                err, value = plan.decode(rb.view, xattr_size)
-            finally:
-                rb.release()
+        plan = self._plans.get(opcode) or self._plan(opcode)
+        with self._transact(opcode, nodeid, arg, names, data, extra=extra, ext=ext) as rb:
+            err, value = plan.decode(rb.view, xattr_size)
         if err:
             if err == E.ENOSYS:
                 self._no.add(opcode)
@@ -904,64 +878,19 @@ class Client:
             self._write_dirty(ino)
         if ino.bad:
             _raise(E.EIO, path)
-        if self.cache != "none" and self._attr_fresh(ino):
+        if self._attr_fresh(ino):
             assert ino.attr is not None
             return ino.attr
-        plan = self._plans.get(_GETATTR) or self._plan(_GETATTR)
-        unpack = plan.unpack
-        if plan.arg_size != _GETATTR_IN_SIZE or unpack is None or self._closed:
-            arg = S.GetattrIn(GetattrFlags.FH if fh is not None else 0, 0, fh or 0)
-            out: S.AttrOut = self._call(Opcode.GETATTR, ino.nodeid, arg, path=path)
-            self._take_attr(ino, out, Opcode.GETATTR)
-            assert ino.attr is not None
-            return ino.attr
-        # The hot path (benchmarks/loopback.py): _call and _take_attr inline, in_header and
-        # getattr_in packed in one struct call into one request part; a reply other than a
-        # success of the exact size goes through plan.decode and its checks.
-        req = _GETATTR_PACK(_GETATTR_REQ.size, plan.op, next(self._unique), ino.nodeid,
-                            self.uid, self.gid, self.pid, 0, 0,
-                            GetattrFlags.FH if fh is not None else 0, 0, fh or 0)
-        self.stats[_GETATTR] += 1
-        timeout = self.timeout
-        rb = self.channel.request((req,), plan.reply_size,
-                                  timeout=timeout if timeout is not None else self._timeout())
-        try:
-            if rb.interrupted:
-                self.stats[Opcode.INTERRUPT] += 1
-            view = rb.view
-            if len(view) == plan.reply_size and not _OUT_UNPACK(view)[1]:
-                out = unpack(view, OUT_HEADER_SIZE)
-            else:
-                err, out = plan.decode(view)
-                if err:
-                    if err == E.ENOSYS:
-                        self._no.add(_GETATTR)
-                    _raise(err, path)
-        finally:
-            rb.release()
-        attr = out.attr
-        if (attr.mode & _S_IFMT) not in _VALID_TYPES or attr.size > LLONG_MAX:
-            self._check_attr(attr, _GETATTR)  # raises
-        sec = out.attr_valid
-        nsec = out.attr_valid_nsec
-        deadline = expiry(sec, nsec) if sec or nsec else 0.0
-        with self._lock:
-            old = ino.attr
-            if old is not None and (old.mode ^ attr.mode) & _S_IFMT or ino.data is not None:
-                self._take_attr(ino, out, _GETATTR)  # type change or cached data: the full path
-            else:
-                ino.attr = attr
-                ino.attr_expiry = deadline
-                ino.attr_stale = False
-        return attr
+        arg = S.GetattrIn(GetattrFlags.FH if fh is not None else 0, 0, fh or 0)
+        out: S.AttrOut = self._call(Opcode.GETATTR, ino.nodeid, arg, path=path)
+        self._take_attr(ino, out, Opcode.GETATTR)
+        assert ino.attr is not None
+        return ino.attr
 
     def _take_attr(self, ino: Inode, out: S.AttrOut, opcode: Opcode) -> None:
-        attr = out.attr
-        self._check_attr(attr, opcode)
+        self._check_attr(out.attr, opcode)
         with self._lock:
-            old = ino.attr
-            # (a ^ b) & S_IFMT: the file types differ (ino.type != attr_type(attr), inline).
-            if old is not None and (old.mode ^ attr.mode) & 0o170000:
+            if ino.attr is not None and ino.type != attr_type(out.attr):
                 # fuse_change_attributes on a type change: fuse_make_bad(), EIO from now on.
                 ino.bad = True
                 raise ReplyError(f"{opcode.name} changed the file type of nodeid {ino.nodeid} "
@@ -971,18 +900,11 @@ class Client:
 
     def getattr(self, nodeid: int = ROOT_ID) -> S.Attr:
         """Attributes of a nodeid the client holds (cached per the cache mode)."""
-        lock = self._lock
-        with lock:  # _enter, inline
-            self._active += 1
+        self._enter()
         try:
-            ino = self._inodes.get(nodeid)
-            return self._getattr(ino if ino is not None else self._inodes_get(nodeid))
+            return self._getattr(self._inodes_get(nodeid))
         finally:
-            if len(self._forgets) < self.forget_batch and len(self._inodes) <= self.max_inodes:
-                with lock:  # _leave with nothing to evict or flush, inline
-                    self._active -= 1
-            else:
-                self._leave()
+            self._leave()
 
     def stat(self, path: PathLike, *, follow_symlinks: bool = True) -> os.stat_result:
         """``os.stat`` of a path."""

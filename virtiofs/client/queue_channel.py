@@ -26,7 +26,6 @@ reply header (length, unique) before anyone reads it.
 
 from __future__ import annotations
 
-import functools
 import os
 import select
 import threading
@@ -36,22 +35,12 @@ from typing import Any
 
 from ..errors import LocalProtocolError, ReplyError, VirtqueueBrokenError, VirtqueueError
 from ..transport.loopback import DriverQueueEnd
-from ..virtqueue import DEFAULT_POLL_LIMIT, AdaptivePoll, EventFd, GuestAllocator, GuestMemory
+from ..virtqueue import Buffer, EventFd, GuestAllocator, GuestMemory
 from ..virtqueue.driver import Completion
-from .channel import (
-    _OPCODE_UNIQUE,
-    _OUT_HEAD,
-    IN_HEADER_SIZE,
-    OUT_HEADER_SIZE,
-    Channel,
-    ReplyBuffer,
-    check_reply_header,
-)
 from .channel import Buffer as Bytes
+from .channel import Channel, ReplyBuffer, check_reply_header
 
 __all__ = ["QueueChannel"]
-
-_OUT_UNPACK = _OUT_HEAD.unpack_from
 
 # A waiting thread re-checks its queue at least this often, so a lost wake-up costs a delay,
 # never a hang.
@@ -63,45 +52,32 @@ _POLL_MS = 1000
 
 
 class _EndState:
-    """Per-queue waiting state: the reaper role, the threads waiting for a reply, and the
-    reaper's busy-poll state."""
+    """Per-queue waiting state: the reaper role and the threads waiting for a reply."""
 
-    __slots__ = ("reaper", "waiters", "wlock", "poll")
+    __slots__ = ("reaper", "waiters", "wlock")
 
-    def __init__(self, poll_limit: float) -> None:
+    def __init__(self) -> None:
         self.reaper = threading.Lock()
         self.waiters: set[_Slot] = set()
         self.wlock = threading.Lock()
-        self.poll = AdaptivePoll(poll_limit)
 
 
 class _Slot:
-    """One request in flight (the token given to ``DriverQueue.post_pair``) and its buffer.
+    """One request in flight (the token given to ``DriverQueue.add``)."""
 
-    Requests whose request + reply fit in ``_SMALL_BLOCK`` (every metadata request) use
-    *pooled* slots: a slot keeps its block of guest memory and the view of it for the life of
-    the channel, and goes back to a free list when the reply is released, so the hot path
-    allocates nothing, translates nothing and builds no object per request. Larger requests
-    get a one-off slot over a block from the allocator.
-    """
+    __slots__ = ("unique", "capacity", "addr", "base", "end", "state", "done", "length",
+                 "error", "event", "abandoned")
 
-    __slots__ = ("unique", "capacity", "reply_off", "base", "view", "pooled", "release", "end",
-                 "state", "done", "length", "error", "event", "abandoned")
-
-    def __init__(self, base: int, view: memoryview, pooled: bool) -> None:
-        self.unique = 0
-        self.capacity = 0
-        self.reply_off = 0
-        """Offset of the reply buffer in the block (the request bytes come first)."""
-        self.base = base
-        """Guest address of the block holding request and reply."""
-        self.view = view
-        """The whole block."""
-        self.pooled = pooled
-        self.release: Any = None
-        """Gives the slot back (set by the channel; what ``ReplyBuffer.release`` calls)."""
-        self.end: Any = None
-        self.state: Any = None
+    def __init__(self, unique: int, capacity: int, end: DriverQueueEnd,
+                 state: _EndState) -> None:
+        self.unique = unique
+        self.capacity = capacity
+        self.addr = -1
+        """Guest address of the reply buffer."""
+        self.base = -1
+        """The allocation holding request and reply (what is freed)."""
+        self.end = end
+        self.state = state
         self.done = False
         self.length = 0
         self.error: Exception | None = None
@@ -115,13 +91,11 @@ class QueueChannel(Channel):
     ``queues[0]`` is hiprio, ``queues[1:]`` the request queues (a thread always uses the same
     one).  The channel does not own ``mem`` or the queues' eventfds unless ``owns=True``.
     ``on_close`` runs once at :meth:`close` (the front-end stops the device there).
-    ``poll`` is how long (seconds) a lone waiter busy-polls the used ring before sleeping on
-    the call eventfd (0: never; see :class:`~virtiofs.virtqueue.AdaptivePoll`).
     """
 
     def __init__(self, mem: GuestMemory, allocator: GuestAllocator,
                  queues: Sequence[DriverQueueEnd], *, owns: bool = False,
-                 on_close: Any = None, poll: float = DEFAULT_POLL_LIMIT) -> None:
+                 on_close: Any = None) -> None:
         if len(queues) < 2:
             raise LocalProtocolError("a virtio-fs channel needs hiprio and a request queue")
         self.mem = mem
@@ -129,10 +103,9 @@ class QueueChannel(Channel):
         self.queues = list(queues)
         self.hiprio = self.queues[0]
         self.requests = self.queues[1:]
-        self._single_end = self.requests[0] if len(self.requests) == 1 else None
         self.owns = owns
         self.on_close = on_close
-        self._states = {q.index: _EndState(poll) for q in self.queues}
+        self._states = {q.index: _EndState() for q in self.queues}
         self._pollers: dict[int, select.poll] = {}
         for q in self.queues:
             p = select.poll()
@@ -140,7 +113,8 @@ class QueueChannel(Channel):
             self._pollers[q.index] = p
         self._lock = threading.Lock()  # the allocator and every queue operation
         self._broken: Exception | None = None
-        self._free_slots: list[_Slot] = []
+        self._small: set[int] = set()
+        self._small_free: list[int] = []
         self._closed = False
         self.max_reply_size = min(allocator.size // 4, 0xFFFF_FFFF)
         self.max_request_size = self.max_reply_size
@@ -183,16 +157,16 @@ class QueueChannel(Channel):
         """Record completions (under ``_lock``); the events to set once the lock is gone."""
         wake = []
         for c in comps:
-            slot = c[0]  # token
-            if type(slot) is not _Slot:
+            slot = c.token
+            if not isinstance(slot, _Slot):
                 continue  # hiprio chains: nothing to hand back
-            slot.length = c[1]
-            if c[3] is not None:  # error: an over-reported used length
-                slot.error = c[3]
+            slot.length = c.length
+            if c.error is not None:
+                slot.error = c.error
             slot.done = True
             if slot.abandoned:
                 # Nobody waits any more (timed out): the buffers go back now.
-                self._put_slot(slot)
+                self._release_block(slot.base)
             elif slot.event is not None:
                 wake.append(slot.event)
         return wake
@@ -208,36 +182,28 @@ class QueueChannel(Channel):
         for ev in wake:
             ev.set()
 
-    def _take_slot(self, total: int) -> _Slot | None:
-        """A slot whose block holds ``total`` bytes (caller holds ``_lock``); None when guest
-        memory is full."""
-        try:
-            if total <= _SMALL_BLOCK:
-                if self._free_slots:
-                    return self._free_slots.pop()
-                base = self.allocator.alloc(_SMALL_BLOCK, 64)
-                slot = _Slot(base, self.mem.translate(base, _SMALL_BLOCK), True)
-            else:
-                base = self.allocator.alloc(total, 64)
-                slot = _Slot(base, self.mem.translate(base, total), False)
-        except LocalProtocolError:
-            return None
-        # A pooled slot goes back with one list.append (atomic under the GIL, like the
-        # list.pop that takes it: no lock, and no Python frame on the release path).
-        slot.release = (functools.partial(self._free_slots.append, slot) if slot.pooled
-                        else functools.partial(self._release_slot, slot))
-        return slot
+    def _alloc_block(self, total: int) -> int:
+        """A request+reply block (caller holds ``_lock``): metadata requests reuse fixed
+        4 KiB blocks from a free list, larger ones come from the allocator's first fit."""
+        if total <= _SMALL_BLOCK:
+            if self._small_free:
+                return self._small_free.pop()
+            base = self.allocator.alloc(_SMALL_BLOCK, 64)
+            self._small.add(base)
+            return base
+        return self.allocator.alloc(total, 64)
 
-    def _put_slot(self, slot: _Slot) -> None:
-        """Give a slot back (caller holds ``_lock`` for unpooled slots)."""
-        if slot.pooled:
-            self._free_slots.append(slot)
+    def _release_block(self, base: int) -> None:
+        """Give a block back (caller holds ``_lock``)."""
+        if base in self._small:
+            self._small_free.append(base)
         else:
-            self.allocator.free(slot.base)
+            self.allocator.free(base)
 
-    def _release_slot(self, slot: _Slot) -> None:
-        with self._lock:
-            self._put_slot(slot)
+    def _free(self, addr: int) -> None:
+        if addr >= 0:
+            with self._lock:
+                self._release_block(addr)
 
     def _handoff(self, st: _EndState) -> None:
         """The reaper leaves: wake every waiter still waiting so one of them takes over."""
@@ -251,70 +217,11 @@ class QueueChannel(Channel):
 
     # ---------------------------------------------------------------------------- requests
 
-    def request(self, parts: Sequence[Bytes], capacity: int, *,
-                timeout: float | None = None) -> ReplyBuffer:
-        """:meth:`Channel.request` with its common case inline: when no other thread reaps
-        this queue, the caller submits, busy-polls or sleeps, reaps and checks its reply
-        itself -- no thread hand-off, no Event, no extra frame. Anything else (another
-        reaper, a timeout and its INTERRUPT, a reply that fails a check) takes the general
-        path (``_finish``, ``_collect``), which does the same checks."""
-        head = parts[0]
-        if len(head) < IN_HEADER_SIZE:
-            raise LocalProtocolError("the first request part must hold the whole in_header")
-        opcode, unique = _OPCODE_UNIQUE(head, 4)
-        if capacity < OUT_HEADER_SIZE:
-            raise LocalProtocolError(f"reply capacity {capacity} < out_header")
-        slot = self._submit(parts, capacity, unique)
-        st = slot.state
-        if slot.done or not st.reaper.acquire(False):
-            return self._finish(slot, unique, opcode, timeout)
-        try:
-            # _reap_until, inline.
-            end = slot.end
-            queue = end.queue
-            has_used = queue.has_used
-            ready = has_used()
-            if not ready and not st.waiters:
-                ready = st.poll.poll(has_used)  # busy-poll (see _reap_until)
-            deadline = None
-            while not slot.done:
-                if ready or has_used():
-                    ready = False
-                    try:
-                        with self._lock:
-                            comps = queue.reap()
-                            wake = self._complete(comps) if comps else ()
-                    except VirtqueueBrokenError as e:
-                        self._fail_all(e)
-                        break
-                    for ev in wake:
-                        ev.set()
-                    continue
-                if deadline is None and timeout is not None:
-                    deadline = time.monotonic() + timeout
-                if not self._sleep(slot, end, deadline):
-                    break
-        finally:
-            st.reaper.release()
-            if st.waiters:
-                self._handoff(st)
-        if not slot.done:  # the timeout passed: INTERRUPT and the grace period
-            return self._finish(slot, unique, opcode, 0.0)
-        # _collect, inline for a reply that passes check_reply_header (the queue already
-        # refused used lengths above the capacity lent).
-        n = slot.length
-        if slot.error is None and n >= OUT_HEADER_SIZE:
-            off = slot.reply_off
-            view = slot.view[off:off + n]
-            length, _err, got = _OUT_UNPACK(view)
-            if length == n and got == unique:
-                return ReplyBuffer(view, slot.release)
-        return self._collect(slot)  # raises what the reply breaks
-
     def _submit(self, parts: Sequence[Bytes], capacity: int, unique: int) -> _Slot:
+        self._check_usable()
         req_len = 0
         for p in parts:
-            req_len += len(p) if type(p) is not memoryview else p.nbytes
+            req_len += len(p) if not isinstance(p, memoryview) else p.nbytes
         # One block per request: the request bytes, then (16-aligned) the reply buffer. The
         # request is one readable descriptor, the reply one writable descriptor: a device must
         # treat the chain as a byte stream anyway (SPEC.md 2.1).
@@ -323,54 +230,47 @@ class QueueChannel(Channel):
         if total > self.max_reply_size:
             raise LocalProtocolError(f"request of {req_len} + reply of {capacity} bytes exceed "
                                      f"the channel's {self.max_reply_size}")
-        end = self._single_end or self._end()
-        queue = end.queue
+        end = self._end()
+        slot = _Slot(unique, capacity, end, self._states[end.index])
         deadline = 0.0
         while True:
             with self._lock:
                 if self._broken is not None or self._closed:
                     self._check_usable()
-                free = self._free_slots
-                slot: _Slot | None
-                slot = free.pop() if total <= _SMALL_BLOCK and free else self._take_slot(total)
-                if slot is not None:
-                    view = slot.view
-                    if len(parts) == 1:
-                        view[:req_len] = parts[0]
-                    else:
-                        pos = 0
-                        for p in parts:
-                            n = len(p) if type(p) is not memoryview else p.nbytes
-                            view[pos:pos + n] = p
-                            pos += n
-                    slot.unique = unique
-                    slot.capacity = capacity
-                    slot.reply_off = reply_off
-                    if slot.end is not end:
-                        slot.end = end
-                        slot.state = self._states[end.index]
-                    slot.done = slot.abandoned = False
-                    slot.error = slot.event = None
-                    base = slot.base
+                try:
+                    base = self._alloc_block(total)
+                except LocalProtocolError:
+                    full = True  # guest memory full: wait for completions, then retry
+                else:
+                    view = self.mem.translate(base, req_len)
+                    pos = 0
+                    for p in parts:
+                        n = len(p) if not isinstance(p, memoryview) else p.nbytes
+                        view[pos:pos + n] = p
+                        pos += n
+                    slot.addr = base + reply_off
+                    slot.base = base
                     try:
-                        kick = queue.post_pair(base, req_len, base + reply_off, capacity, slot)
+                        end.queue.add([Buffer(base, req_len)],
+                                      [Buffer(base + reply_off, capacity)], slot, gather=False)
                     except LocalProtocolError:
-                        self._put_slot(slot)
-                        slot = None  # ring full
+                        self._release_block(base)
+                        full = True  # ring full
                     except VirtqueueBrokenError as e:
-                        self._put_slot(slot)
+                        self._release_block(base)
                         raise e from None
-            if slot is not None:
+                    else:
+                        full = False
+                        kick = end.queue.needs_kick()
+            if not full:
                 break
-            # Ring or guest memory full: wait for completions, then retry.
             if not deadline:
                 deadline = time.monotonic() + 30.0
             elif time.monotonic() > deadline:
                 raise LocalProtocolError("virtqueue or guest memory full for 30 s")
             self._make_progress(end, deadline)
         if kick:
-            # EventFd.fileno refuses a closed fd (never a write into a reused fd number).
-            os.eventfd_write(end.kick.fileno(), 1)
+            end.kick.write(1)  # EventFd refuses a closed fd (never a reused fd number)
         return slot
 
     def _make_progress(self, end: DriverQueueEnd, deadline: float) -> None:
@@ -392,26 +292,14 @@ class QueueChannel(Channel):
 
     def _wait(self, token: Any, timeout: float | None) -> bool:
         slot: _Slot = token
-        if slot.done:
-            return True
-        st = slot.state
+        end, st = slot.end, slot.state
         deadline = None if timeout is None else time.monotonic() + timeout
-        # The lean path: nobody else reaps this queue, so the caller reaps itself (no thread
-        # hand-off, no Event).
-        if st.reaper.acquire(False):
-            try:
-                self._reap_until(slot, slot.end, deadline)
-            finally:
-                st.reaper.release()
-                if st.waiters:
-                    self._handoff(st)
-            return slot.done
         registered = False
         try:
             while not slot.done:
                 if st.reaper.acquire(blocking=False):
                     try:
-                        self._reap_until(slot, slot.end, deadline)
+                        self._reap_until(slot, end, deadline)
                     finally:
                         st.reaper.release()
                         self._handoff(st)
@@ -437,56 +325,33 @@ class QueueChannel(Channel):
 
     def _reap_until(self, slot: _Slot, end: DriverQueueEnd, deadline: float | None) -> None:
         queue = end.queue
-        has_used = queue.has_used
-        # Busy-poll first when we are the only waiter (a spinning thread holds the GIL the
-        # others would need): meanwhile used_event stays stale, so the device does not
-        # signal the call eventfd either.
-        if not has_used() and not slot.state.waiters:
-            slot.state.poll.poll(has_used)  # what it found, the loop sees
-        lock = self._lock
+        poller = self._pollers[end.index]
+        call = end.call.fileno()
         while True:
-            if has_used():
-                # _reap, inline (the hot path).
-                try:
-                    with lock:
-                        comps = queue.reap()
-                        wake = self._complete(comps) if comps else ()
-                except VirtqueueBrokenError as e:
-                    self._fail_all(e)
-                    return
-                for ev in wake:
-                    ev.set()
+            # Ask for a call first (EVENT_IDX: used_event = our last used index), then look:
+            # a completion that landed meanwhile is seen now, a later one signals the call fd.
+            with self._lock:
+                more = queue.enable_interrupts()
+            if more:
+                self._reap(end)
                 if slot.done:
                     return
                 continue
-            if not self._sleep(slot, end, deadline):
+            if deadline is None:
+                wait = _POLL_MS
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = min(_POLL_MS, int(left * 1000) + 1)
+            if poller.poll(wait):
+                try:
+                    os.eventfd_read(call)
+                except BlockingIOError:
+                    pass
+            self._reap(end)
+            if slot.done:
                 return
-
-    def _sleep(self, slot: _Slot, end: DriverQueueEnd, deadline: float | None) -> bool:
-        """Wait on the call eventfd for a completion; False when the reaper should stop
-        (the slot completed another way, or the deadline passed)."""
-        # Ask for a call first (EVENT_IDX: used_event = our last used index), then look:
-        # a completion that landed meanwhile is seen now, a later one signals the call fd.
-        with self._lock:
-            more = end.queue.enable_interrupts()
-        if more:
-            return True
-        if slot.done:  # completed by another path (_fail_all)
-            return False
-        if deadline is None:
-            wait = _POLL_MS
-        else:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            wait = min(_POLL_MS, int(left * 1000) + 1)
-        if self._pollers[end.index].poll(wait):
-            try:
-                os.eventfd_read(end.call.fileno())
-            except BlockingIOError:
-                pass
-        self._reap(end)
-        return not slot.done
 
     def _collect(self, token: Any) -> ReplyBuffer:
         slot: _Slot = token
@@ -494,27 +359,25 @@ class QueueChannel(Channel):
         if err is not None:
             if isinstance(err, VirtqueueBrokenError):
                 raise err
-            self._release_slot(slot)
+            self._free(slot.base)
             if isinstance(err, VirtqueueError):
                 raise ReplyError(f"used ring: {err.what}", field=err.field) from err
             raise err
-        off = slot.reply_off
-        # The queue refused used lengths above what was lent (error above): the reply lies
-        # inside the slot's block.
-        view = slot.view[off:off + slot.length]
+        base = slot.base
         try:
+            view = self.mem.translate(slot.addr, slot.length)
             check_reply_header(view, slot.unique, slot.capacity)
         except BaseException:
-            self._release_slot(slot)
+            self._free(base)
             raise
-        return ReplyBuffer(view, slot.release)
+        return ReplyBuffer(view, lambda: self._free(base))
 
     def _abandon(self, token: Any) -> None:
         slot: _Slot = token
         with self._lock:
             slot.abandoned = True
             if slot.done:
-                self._put_slot(slot)
+                self._release_block(slot.base)
 
     @classmethod
     def for_driver(cls, driver: Any, **kwargs: Any) -> QueueChannel:

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import array
-import errno
 import json
 import logging
 import os
-import select
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -42,10 +39,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DescriptorChainError, LocalProtocolError, VhostUserError, VirtqueueBrokenError
+from ..errors import LocalProtocolError, VhostUserError
 from ..virtqueue import (
-    DEFAULT_POLL_LIMIT,
-    AdaptivePoll,
     EventFd,
     GuestAllocator,
     GuestMemory,
@@ -56,15 +51,7 @@ from ..virtqueue import (
     SplitDriverQueue,
     SplitLayout,
 )
-from ..virtqueue.chain import DescriptorChain
 from .vhost_user.worker import QueueWorker, RequestHandler, _CallFd
-
-_IN_HEADER_SIZE = 40
-_OUT_HEADER_SIZE = 16
-_LEN_OPCODE = struct.Struct("<II").unpack_from
-_INIT = 26  # FUSE_INIT: a new driver session, the generic path handles it
-_EIO = errno.EIO
-_POLL_S = 1.0  # every sleep is bounded: a lost kick delays, never hangs
 
 __all__ = [
     "DeviceSetup",
@@ -226,8 +213,7 @@ class LoopbackServer:
     the memory is mapped through a duplicate, the eventfds are duplicated for the workers.
     """
 
-    def __init__(self, handler: RequestHandler, setup: DeviceSetup, *, workers: int = 0,
-                 poll: float = DEFAULT_POLL_LIMIT) -> None:
+    def __init__(self, handler: RequestHandler, setup: DeviceSetup, *, workers: int = 0) -> None:
         self.handler = handler
         self.setup = setup
         self.mem = GuestMemory.from_fd(setup.memory_fd, setup.memory_size)
@@ -249,8 +235,8 @@ class LoopbackServer:
                 calls.replace("call", os.dup(setup.call_fds[i]))
                 kick = os.dup(setup.kick_fds[i])
                 self._kicks.append(kick)
-                self.workers.append(_LoopbackWorker(i, q, kick, calls, handler, hiprio=i == 0,
-                                                    pool=self.pool, poll=poll))
+                self.workers.append(QueueWorker(i, q, kick, calls, handler, hiprio=i == 0,
+                                                pool=self.pool))
         except BaseException:
             self._release()
             raise
@@ -286,140 +272,6 @@ class LoopbackServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class _LoopbackWorker(QueueWorker):
-    """A :class:`QueueWorker` with the loopback's fast path: busy-polling and lean serving.
-
-    - Before sleeping on the kick eventfd the worker busy-polls the avail ring
-      (:class:`AdaptivePoll`) without re-enabling notifications: with EVENT_IDX the stale
-      ``avail_event`` tells the driver not to kick while we look (vhost's busy-polling).
-      Notifications are enabled (and the ring looked at once more) only before sleeping.
-    - The common request (one readable descriptor holding exactly one FUSE request, not INIT,
-      on a request queue, served inline) is read, handled and answered here with fewer
-      steps; anything else goes through :meth:`QueueWorker._serve` and its checks. The
-      checks of the fast path are the same (SECURITY.md B2, B5): the readable part holds at
-      least a header and at most ``max_request`` bytes and ``in_header.len`` equals it; a
-      reply that does not fit the writable part (or is shorter than a header) is answered
-      ``-EIO`` by ``_error_reply``; a handler exception too.
-
-    With a thread pool (``workers > 0``) or on the hiprio queue the plain worker runs.
-    """
-
-    def __init__(self, *args: Any, poll: float = DEFAULT_POLL_LIMIT, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.poll = AdaptivePoll(poll)
-
-    def _run(self) -> None:
-        if self.pool is not None or self.hiprio:
-            super()._run()
-            return
-        # The kick eventfd is watched edge-triggered: every write to an eventfd wakes its
-        # waiters, so each kick is one event and the counter need not be read back -- one
-        # syscall per sleep instead of two (it would take 2**64 kicks to fill the counter).
-        poller = select.epoll(2)
-        kick = self.kick_fd
-        q = self.queue
-        try:
-            poller.register(kick, select.EPOLLIN | select.EPOLLET)
-            poller.register(self._stop_fd, select.EPOLLIN)
-            while not self._stop:
-                q.disable_notification()
-                if not self._serve_available(spin=True):
-                    return  # the ring broke
-                if q.enable_notification():
-                    continue  # arrived while enabling: serve before sleeping
-                for fd, ev in poller.poll(_POLL_S):
-                    if fd == kick and ev & (select.EPOLLERR | select.EPOLLHUP):
-                        log.warning("queue %d: kick fd unusable (%#x)", self.index, ev)
-                        return
-        except Exception:  # pragma: no cover - a bug of ours; keep the server alive
-            log.exception("queue %d worker failed", self.index)
-        finally:
-            poller.close()
-            self._close_stop_fd()
-
-    def _serve_available(self, spin: bool = False) -> bool:
-        """Serve chains until the ring is empty (with ``spin``, until it stays empty for a
-        busy-poll) or the stop flag is set; False when the ring is broken. Notifications
-        stay as they are (disabled while serving, see ``_run``)."""
-        q = self.queue
-        pop = q.pop
-        push = q.push
-        needs_notification = q.needs_notification
-        has_available = q.has_available
-        poll = self.poll.poll
-        handle = self.handler.handle
-        max_request = self.max_request
-        while not self._stop:
-            try:
-                chain = pop()
-            except DescriptorChainError as e:
-                self.bad_chains += 1
-                log.warning("queue %d: bad descriptor chain: %s", self.index, e)
-                self._complete(e.head, 0)
-                continue
-            except VirtqueueBrokenError as e:
-                self._broken(str(e))
-                return False
-            if chain is None:
-                if spin and poll(has_available):
-                    continue
-                return True
-            bufs = chain.readable
-            n = chain.readable_len
-            if len(bufs) != 1 or not _IN_HEADER_SIZE <= n <= max_request:
-                self._serve(chain)
-                continue
-            request = bufs[0].tobytes()  # one copy; only the copy is parsed
-            length, opcode = _LEN_OPCODE(request)
-            if length != n or opcode == _INIT:
-                self._serve(chain)
-                continue
-            self.served += 1
-            try:
-                reply = handle(request)
-            except Exception:
-                log.exception("queue %d: request handler failed", self.index)
-                written = self._error_reply(chain, _EIO, request)
-            else:
-                if reply is None:
-                    written = 0
-                else:
-                    wbufs = chain.writable
-                    part = reply[0] if len(reply) == 1 else None
-                    if (type(part) is bytes and len(wbufs) == 1
-                            and _OUT_HEADER_SIZE <= len(part) <= len(wbufs[0])):
-                        # One reply part into one writable buffer (every small reply).
-                        written = len(part)
-                        wbufs[0][:written] = part
-                    else:
-                        written = self._put_reply(chain, reply, request)
-            push(chain, written)
-            if needs_notification():
-                self.calls.signal()
-        return True
-
-    def _put_reply(self, chain: DescriptorChain, reply: Any, request: bytes) -> int:
-        """Write the reply parts into the chain; the used length."""
-        wbufs = chain.writable
-        if len(wbufs) == 1:
-            buf = wbufs[0]
-            room = len(buf)
-            pos = 0
-            for part in reply:
-                t = type(part)
-                if t is not bytes and t is not bytearray:
-                    break  # memoryviews (maybe not of bytes): the generic writer
-                k = len(part)
-                if pos + k > room:
-                    break
-                buf[pos:pos + k] = part
-                pos += k
-            else:
-                if pos >= _OUT_HEADER_SIZE:
-                    return pos
-        return int(self._write_reply(chain, reply, request))
 
 
 # -- passing a setup to another process ----------------------------------------------------
@@ -509,20 +361,17 @@ class ServerProcess:
 
 
 def spawn_server(driver: LoopbackDriver, fs: Sequence[str], *, workers: int = 0,
-                 taskset: str | None = None, poll: float | None = None) -> ServerProcess:
+                 taskset: str | None = None) -> ServerProcess:
     """Start ``python -m virtiofs.transport.loopback`` serving ``driver``'s queues.
 
     ``fs`` is the filesystem argument list (``["--memfs"]`` or ``["--passthrough", DIR]``).
     The setup travels over a socketpair with SCM_RIGHTS; the child's only inherited fd is its
-    end of that socketpair. ``taskset`` pins the child (e.g. ``"0"``) for benchmarks;
-    ``poll`` sets its busy-poll limit in seconds (default ``DEFAULT_POLL_LIMIT``, 0: never).
+    end of that socketpair. ``taskset`` pins the child (e.g. ``"0"``) for benchmarks.
     """
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         cmd = [sys.executable, "-m", "virtiofs.transport.loopback",
                "--setup-fd", str(child.fileno()), "--workers", str(workers), *fs]
-        if poll is not None:
-            cmd[3:3] = ["--poll", repr(float(poll))]
         if taskset is not None:
             cmd = ["taskset", "-c", taskset, *cmd]
         proc = subprocess.Popen(cmd, pass_fds=[child.fileno()])
@@ -559,8 +408,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m virtiofs.transport.loopback")
     p.add_argument("--setup-fd", type=int, required=True)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--poll", type=float, default=DEFAULT_POLL_LIMIT,
-                   help="seconds to busy-poll the avail ring before sleeping (0: never)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--memfs", action="store_true")
     g.add_argument("--passthrough", metavar="DIR")
@@ -571,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup = recv_setup(sock)
     session = Session(_make_fs(args))
     try:
-        with LoopbackServer(session, setup, workers=args.workers, poll=args.poll):
+        with LoopbackServer(session, setup, workers=args.workers):
             sock.sendall(b"R")
             sock.settimeout(None)
             while sock.recv(64):

@@ -26,9 +26,6 @@ Pieces
   ``broken``.
 - Driver role: :class:`SplitDriverQueue`, :class:`PackedDriverQueue` —
   ``add(readable, writable, token=None, *, indirect=None, gather=True) -> head``,
-  ``post_pair(read_addr, read_len, write_addr, write_len, token=None) -> kick`` (fast path:
-  ``add`` of one readable + one writable caller-owned buffer, nothing staged or copied, then
-  ``needs_kick``),
   ``needs_kick()``, ``reap(limit=None) -> list[Completion]``, ``has_used()``,
   ``disable_interrupts()``, ``enable_interrupts() -> bool``, ``outstanding_tokens()``.
 - :class:`DescriptorChain` (``chain.py``): ``head``, ``readable``/``writable`` memoryview
@@ -36,8 +33,7 @@ Pieces
   ``read_fuse_request()``; ``write(data)``, ``writev(bufs)``, ``write_at(off, data)``,
   ``writable_views(length, offset)`` for ``os.preadv`` straight into guest memory,
   ``mark_written(end)``, ``written``.
-- :class:`EventFd` (``notify.py``): kick/call eventfds; :class:`AdaptivePoll`: bounded
-  busy-polling of a ring before sleeping on its eventfd, paused while it does not pay.
+- :class:`EventFd` (``notify.py``): kick/call eventfds.
 
 Device side (a back-end serving one queue)::
 
@@ -85,7 +81,7 @@ misuse by our caller raises :class:`~virtiofs.errors.LocalProtocolError`.
 from virtiofs.virtqueue.chain import FUSE_IN_HEADER_SIZE, DescriptorChain
 from virtiofs.virtqueue.driver import Completion
 from virtiofs.virtqueue.memory import Buffer, GuestAllocator, GuestMemory, MemoryRegion
-from virtiofs.virtqueue.notify import DEFAULT_POLL_LIMIT, AdaptivePoll, EventFd
+from virtiofs.virtqueue.notify import EventFd
 from virtiofs.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
 from virtiofs.virtqueue.ring import (
     MAX_CHAIN_BYTES,
@@ -114,7 +110,6 @@ from virtiofs.virtqueue.ring import (
 from virtiofs.virtqueue.split import SplitDeviceQueue, SplitDriverQueue
 
 __all__ = [
-    "DEFAULT_POLL_LIMIT",
     "FUSE_IN_HEADER_SIZE",
     "MAX_CHAIN_BYTES",
     "MAX_INDIRECT_ENTRIES",
@@ -133,7 +128,6 @@ __all__ = [
     "VIRTQ_DESC_F_USED",
     "VIRTQ_DESC_F_WRITE",
     "VIRTQ_USED_F_NO_NOTIFY",
-    "AdaptivePoll",
     "Buffer",
     "Completion",
     "DescriptorChain",

@@ -42,26 +42,22 @@ class Completion(NamedTuple):
     head: int = -1
 
 
-_new_tuple = tuple.__new__
+class _Pending:
+    """The driver's private record of an outstanding request."""
 
-# Shared by every post_pair request: such requests own no allocation (``_release`` of an empty
-# list is a no-op) and gather nothing.
-_NO_OWNED: list[int] = []
-_NO_WSEGS: tuple[tuple[int, int], ...] = ()
+    __slots__ = ("token", "descs", "ndesc", "owned", "wsegs", "wlen", "gather")
 
-
-class _Pending(NamedTuple):
-    """The driver's private record of an outstanding request (a tuple: built with
-    ``_new_tuple(_Pending, (...))`` on the hot paths, which skips the Python-level
-    ``__new__`` of a NamedTuple)."""
-
-    token: object
-    descs: list[int]
-    ndesc: int
-    owned: list[int]
-    wsegs: Sequence[tuple[int, int]]
-    wlen: int
-    gather: bool
+    def __init__(
+        self, token: object, descs: list[int], ndesc: int, owned: list[int],
+        wsegs: list[tuple[int, int]], wlen: int, gather: bool,
+    ) -> None:
+        self.token = token
+        self.descs = descs
+        self.ndesc = ndesc
+        self.owned = owned
+        self.wsegs = wsegs
+        self.wlen = wlen
+        self.gather = gather
 
 
 class _DriverBuffers:

@@ -26,16 +26,13 @@ from virtiofs.errors import (
 )
 from virtiofs.virtqueue.chain import DescriptorChain
 from virtiofs.virtqueue.driver import (
-    _NO_OWNED,
-    _NO_WSEGS,
     Completion,
     ReadableItem,
     WritableItem,
     _DriverBuffers,
-    _new_tuple,
     _Pending,
 )
-from virtiofs.virtqueue.memory import Buffer, GuestAllocator, GuestMemory
+from virtiofs.virtqueue.memory import GuestAllocator, GuestMemory
 from virtiofs.virtqueue.ring import (
     EVENT_SUPPRESS,
     MAX_CHAIN_BYTES,
@@ -555,51 +552,6 @@ class PackedDriverQueue(_DriverBuffers):
             bid if token is None else token, [], ndesc, owned, wsegs, wlen, gather)
         return bid
 
-    def post_pair(self, read_addr: int, read_len: int, write_addr: int, write_len: int,
-                  token: object = None) -> bool:
-        """Fast path of ``add([Buffer(read_addr, read_len)], [Buffer(write_addr, write_len)],
-        token, gather=False)`` then :meth:`needs_kick` (see ``SplitDriverQueue.post_pair``);
-        returns whether to kick."""
-        if self.broken:
-            raise VirtqueueBrokenError(self.broken_reason or "queue broken")
-        base, hsize, _ = self.mem._hot
-        ro = read_addr - base
-        wo = write_addr - base
-        if not (0 <= ro and 0 <= read_len <= hsize - ro and 0 <= wo
-                and 0 <= write_len <= hsize - wo):
-            for a, n in ((read_addr, read_len), (write_addr, write_len)):
-                if n < 0 or not self.mem.check_range(a, n):
-                    raise LocalProtocolError(f"{Buffer(a, n)!r} is not inside guest memory")
-        if read_len > 0xFFFF_FFFF or write_len > 0xFFFF_FFFF:
-            raise LocalProtocolError("a descriptor holds at most 2**32 - 1 bytes")
-        if self._num_free < 2 or not self._free_ids:
-            raise LocalProtocolError(f"queue full: 2 descriptors wanted, {self._num_free} free")
-        bid = self._free_ids.pop()
-        desc = self._desc
-        head_pos = self._next_avail
-        wrap = self._avail_wrap
-        head_flags = VIRTQ_DESC_F_NEXT | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED)
-        _ADDR_LEN_ID.pack_into(desc, head_pos << 4, read_addr, read_len, bid)
-        pos = head_pos + 1
-        if pos == self.size:
-            pos = 0
-            wrap = not wrap
-        _pack_desc(desc, pos << 4, write_addr, write_len, bid,
-                   VIRTQ_DESC_F_WRITE | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED))
-        pos += 1
-        if pos == self.size:
-            pos = 0
-            wrap = not wrap
-        # The head's flags last: the device sees the whole chain or none of it.
-        _pack_u16(desc, (head_pos << 4) + 14, head_flags)
-        self._next_avail = pos
-        self._avail_wrap = wrap
-        self._num_free -= 2
-        self._num_added += 2
-        self._pending[bid] = _new_tuple(_Pending, (bid if token is None else token, _NO_OWNED,
-                                                   2, _NO_OWNED, _NO_WSEGS, write_len, False))
-        return self.needs_kick()
-
     def needs_kick(self) -> bool:
         """Whether the device wants a kick for what was added since the last call (Linux
         ``virtqueue_kick_prepare_packed``)."""
@@ -650,10 +602,7 @@ class PackedDriverQueue(_DriverBuffers):
             self._last_used = pos
             self._num_free += p.ndesc
             self._free_ids.append(bid)
-            if ln <= p.wlen and not p.gather and not p.owned:
-                out.append(_new_tuple(Completion, (p.token, ln, b"", None, bid)))
-            else:
-                out.append(self._complete(p, bid, ln))
+            out.append(self._complete(p, bid, ln))
         return out
 
     def disable_interrupts(self) -> None:

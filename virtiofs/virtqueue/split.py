@@ -6,13 +6,6 @@ mapping. Measured on this machine (Python 3.11, ``benchmarks/virtqueue.py --fiel
 through a ``cffi`` ``struct vring_desc[]`` view (``ffi.from_buffer``); a used element
 ``pack_into`` 73 ns against 199 ns; only a lone u16 is quicker through cffi (43 vs 80 ns read,
 61 vs 68 ns write), not enough to carry a second access path: struct it is.
-
-The u16 fields (indexes, flags, ring entries, event indexes) go through views of the avail and
-used areas cast to ``H`` once per queue: ``view[i]`` reads or writes one u16 with a single
-2-byte access (no zeroing first, unlike ``struct.pack_into``; ``ring.store_u16`` explains why
-that matters), and costs about a fifth of ``store_u16`` (which builds two memoryviews per
-store) and less than ``unpack_from(...)[0]`` (callgrind, instructions per access: 540 vs 2,700
-to store, 410 vs 570 to load). Native byte order is little-endian on x86-64 (see ring.py).
 """
 
 from __future__ import annotations
@@ -27,20 +20,18 @@ from virtiofs.errors import (
 )
 from virtiofs.virtqueue.chain import DescriptorChain
 from virtiofs.virtqueue.driver import (
-    _NO_OWNED,
-    _NO_WSEGS,
     Completion,
     ReadableItem,
     WritableItem,
     _DriverBuffers,
-    _new_tuple,
     _Pending,
 )
-from virtiofs.virtqueue.memory import Buffer, GuestAllocator, GuestMemory
+from virtiofs.virtqueue.memory import GuestAllocator, GuestMemory
 from virtiofs.virtqueue.ring import (
     MAX_CHAIN_BYTES,
     MAX_INDIRECT_ENTRIES,
     SPLIT_DESC,
+    U16,
     USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -48,6 +39,7 @@ from virtiofs.virtqueue.ring import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     SplitLayout,
+    store_u16,
     vring_need_event,
 )
 
@@ -55,6 +47,8 @@ __all__ = ["SplitDeviceQueue", "SplitDriverQueue"]
 
 _unpack_desc = SPLIT_DESC.unpack_from
 _pack_desc = SPLIT_DESC.pack_into
+_unpack_u16 = U16.unpack_from
+_pack_u16 = store_u16  # not U16.pack_into: see ring.store_u16
 _unpack_elem = USED_ELEM.unpack_from
 _pack_elem = USED_ELEM.pack_into
 
@@ -110,19 +104,13 @@ class SplitDeviceQueue:
         self._desc = mem.translate(layout.desc, d)
         self._avail = mem.translate(layout.avail, a)
         self._used = mem.translate(layout.used, u)
-        # u16 views (module docstring): avail [0] flags, [1] idx, [2 + i] ring, [2 + size]
-        # used_event; used [0] flags, [1] idx, [2 + 4 * size] avail_event.
-        self._avail_h = self._avail.cast("H")
-        self._used_h = self._used.cast("H")
         self._mask = size - 1
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
-        self._used_event_h = 2 + size
-        self._avail_event_h = 2 + 4 * size
         self._next_avail = next_avail & 0xFFFF
         self._avail_idx = self._next_avail  # last avail.idx read (shadow)
         if next_used is None:
-            next_used = self._used_h[1]
+            next_used = _unpack_u16(self._used, 2)[0]
         self._next_used = next_used & 0xFFFF
         self._inflight = [0] * size
         self._ninflight = 0
@@ -183,10 +171,10 @@ class SplitDeviceQueue:
         if self.broken:
             return None
         na = self._next_avail
-        avail = self._avail_h
+        avail = self._avail
         size = self.size
         if na == self._avail_idx:
-            idx = avail[1]
+            idx = _unpack_u16(avail, 2)[0]
             if idx == na:
                 return None
             if (idx - na) & 0xFFFF > size:
@@ -197,35 +185,18 @@ class SplitDeviceQueue:
         if self._ninflight >= size:
             # CVE-2016-5403: a driver re-posting heads without waiting for them.
             raise self._break(f"more than {size} chains in flight")
-        head = avail[2 + (na & self._mask)]
+        head = _unpack_u16(avail, 4 + 2 * (na & self._mask))[0]
         self._next_avail = (na + 1) & 0xFFFF
         if head >= size:
             raise self._break(f"avail ring head {head} >= queue size {size}")
         self._inflight[head] += 1
         self._ninflight += 1
-        desc = self._desc
-        mem = self.mem
-        hot_base, hot_size, hot_view = mem._hot
-
-        # Fast path: the shape of nearly every virtio-fs request (ours, and Linux's for small
-        # requests) -- one non-empty readable descriptor chained to one non-empty writable
-        # one, both inside the hot region. It decides exactly as the walk below would on the
-        # same two copies (head != next, so no descriptor is read twice); every other shape
-        # and every error takes the walk, which reads the descriptors afresh and uses only
-        # those copies. Cuts a 2-descriptor pop by about a third (callgrind).
-        addr, ln, flags, nxt = _unpack_desc(desc, head << 4)
-        if flags == VIRTQ_DESC_F_NEXT and nxt < size and nxt != head:
-            addr2, ln2, flags2, _ = _unpack_desc(desc, nxt << 4)
-            if flags2 == VIRTQ_DESC_F_WRITE:
-                off = addr - hot_base
-                off2 = addr2 - hot_base
-                if (0 <= ln and 0 < ln2 and 0 <= off <= hot_size - ln
-                        and 0 <= off2 <= hot_size - ln2 and ln + ln2 <= MAX_CHAIN_BYTES):
-                    return DescriptorChain(head, [hot_view[off:off + ln]],
-                                           [hot_view[off2:off2 + ln2]], ln, ln2, 2)
 
         # Walk the chain. The guest-memory fast path (the region the last translation hit) is
         # inlined: it halves the cost of a 2-descriptor pop (benchmarks/virtqueue.py).
+        desc = self._desc
+        mem = self.mem
+        hot_base, hot_size, hot_view = mem._hot
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         rlen = wlen = 0
@@ -411,10 +382,11 @@ class SplitDeviceQueue:
         self._inflight[head] -= 1
         self._ninflight -= 1
         nu = self._next_used
-        _pack_elem(self._used, 4 + 8 * (nu & self._mask), head, n)
+        used = self._used
+        _pack_elem(used, 4 + 8 * (nu & self._mask), head, n)
         nu = (nu + 1) & 0xFFFF
         self._next_used = nu
-        self._used_h[1] = nu
+        _pack_u16(used, 2, nu)
 
     def push_many(self, items: Iterable[tuple[ChainOrHead, int | None]]) -> None:
         """Push several chains, publishing the used index once at the end."""
@@ -441,7 +413,7 @@ class SplitDeviceQueue:
         finally:
             if nu != self._next_used:
                 self._next_used = nu
-                self._used_h[1] = nu
+                _pack_u16(used, 2, nu)
 
     # -- notifications ------------------------------------------------------------------------
 
@@ -458,18 +430,17 @@ class SplitDeviceQueue:
             return False
         self._checked_used = new
         if not self.event_idx:
-            return not (self._avail_h[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
+            return not (_unpack_u16(self._avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT)
         prev, self._signalled_used = self._signalled_used, new
         if prev is None:
             return True
-        # vring_need_event, inline (the hot path of every request).
-        return ((new - self._avail_h[self._used_event_h] - 1) & 0xFFFF) < ((new - prev) & 0xFFFF)
+        return vring_need_event(_unpack_u16(self._avail, self._used_event_off)[0], new, prev)
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick (``VIRTQ_USED_F_NO_NOTIFY``; with EVENT_IDX a stale
         ``avail_event`` already suppresses kicks, as in Linux vhost)."""
         if not self.event_idx and not self.broken:
-            self._used_h[0] = VIRTQ_USED_F_NO_NOTIFY
+            _pack_u16(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
 
     def enable_notification(self) -> bool:
         """Ask for kicks again; returns True if buffers became available meanwhile (then keep
@@ -477,14 +448,14 @@ class SplitDeviceQueue:
         if self.broken:
             return False
         if self.event_idx:
-            self._used_h[self._avail_event_h] = self._next_avail
+            _pack_u16(self._used, self._avail_event_off, self._next_avail)
         else:
-            self._used_h[0] = 0
-        return self._avail_h[1] != self._next_avail
+            _pack_u16(self._used, 0, 0)
+        return bool(_unpack_u16(self._avail, 2)[0] != self._next_avail)
 
     def has_available(self) -> bool:
         """Whether the driver has published chains not popped yet."""
-        return not self.broken and self._avail_h[1] != self._next_avail
+        return not self.broken and _unpack_u16(self._avail, 2)[0] != self._next_avail
 
 
 class SplitDriverQueue(_DriverBuffers):
@@ -531,17 +502,12 @@ class SplitDriverQueue(_DriverBuffers):
         self._desc = mem.translate(layout.desc, d)
         self._avail = mem.translate(layout.avail, a)
         self._used = mem.translate(layout.used, u)
-        # u16 views, as in SplitDeviceQueue.
-        self._avail_h = self._avail.cast("H")
-        self._used_h = self._used.cast("H")
         self._mask = size - 1
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
-        self._used_event_h = 2 + size
-        self._avail_event_h = 2 + 4 * size
         self._free = list(range(size - 1, -1, -1))
-        self._avail_idx = self._avail_h[1]
-        self._last_used = self._used_h[1]
+        self._avail_idx = _unpack_u16(self._avail, 2)[0]
+        self._last_used = _unpack_u16(self._used, 2)[0]
         self._num_added = 0
         self._pending: dict[int, _Pending] = {}
         self.broken = False
@@ -621,62 +587,12 @@ class SplitDriverQueue(_DriverBuffers):
             head if token is None else token, descs, len(descs), owned, wsegs, wlen, gather)
         # Descriptors, then the ring entry, then the index (see ring.py on ordering).
         ai = self._avail_idx
-        avail = self._avail_h
-        avail[2 + (ai & self._mask)] = head
+        _pack_u16(self._avail, 4 + 2 * (ai & self._mask), head)
         ai = (ai + 1) & 0xFFFF
         self._avail_idx = ai
-        avail[1] = ai
+        _pack_u16(self._avail, 2, ai)
         self._num_added += 1
         return head
-
-    def post_pair(self, read_addr: int, read_len: int, write_addr: int, write_len: int,
-                  token: object = None) -> bool:
-        """Fast path of ``add([Buffer(read_addr, read_len)], [Buffer(write_addr, write_len)],
-        token, gather=False)`` followed by :meth:`needs_kick`: one device-readable and one
-        device-writable buffer the caller owns (the shape of every virtio-fs request: request
-        bytes in, reply buffer out); returns whether to kick.
-
-        Nothing is staged, allocated or copied: this is what a client with preallocated
-        request/reply buffers per slot calls for each request. Same checks and errors as
-        :meth:`add` (nothing is published when one fails). The completion's ``head`` tells
-        which head was used.
-        """
-        if self.broken:
-            raise VirtqueueBrokenError(self.broken_reason or "queue broken")
-        base, hsize, _ = self.mem._hot
-        ro = read_addr - base
-        wo = write_addr - base
-        if not (0 <= ro and 0 <= read_len <= hsize - ro and 0 <= wo
-                and 0 <= write_len <= hsize - wo):
-            for a, n in ((read_addr, read_len), (write_addr, write_len)):
-                if n < 0 or not self.mem.check_range(a, n):
-                    raise LocalProtocolError(f"{Buffer(a, n)!r} is not inside guest memory")
-        if read_len > 0xFFFF_FFFF or write_len > 0xFFFF_FFFF:
-            raise LocalProtocolError("a descriptor holds at most 2**32 - 1 bytes")
-        free = self._free
-        if len(free) < 2:
-            raise LocalProtocolError(f"queue full: 2 descriptors wanted, {len(free)} free")
-        head = free.pop()
-        nxt = free.pop()
-        desc = self._desc
-        _pack_desc(desc, head << 4, read_addr, read_len, VIRTQ_DESC_F_NEXT, nxt)
-        _pack_desc(desc, nxt << 4, write_addr, write_len, VIRTQ_DESC_F_WRITE, 0)
-        self._pending[head] = _new_tuple(_Pending, (head if token is None else token,
-                                                    [head, nxt], 2, _NO_OWNED, _NO_WSEGS,
-                                                    write_len, False))
-        # Descriptors, then the ring entry, then the index (see ring.py on ordering).
-        old = self._avail_idx
-        avail = self._avail_h
-        avail[2 + (old & self._mask)] = head
-        new = (old + 1) & 0xFFFF
-        self._avail_idx = avail[1] = new
-        # needs_kick, inline.
-        old = (old - self._num_added) & 0xFFFF
-        self._num_added = 0
-        used = self._used_h
-        if self.event_idx:
-            return ((new - used[self._avail_event_h] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not (used[0] & VIRTQ_USED_F_NO_NOTIFY)
 
     def needs_kick(self) -> bool:
         """Whether the device wants a kick for the chains added since the last call
@@ -687,12 +603,12 @@ class SplitDriverQueue(_DriverBuffers):
         new = self._avail_idx
         if self.event_idx:
             old = (new - added) & 0xFFFF
-            return vring_need_event(self._used_h[self._avail_event_h], new, old)
-        return not (self._used_h[0] & VIRTQ_USED_F_NO_NOTIFY)
+            return vring_need_event(_unpack_u16(self._used, self._avail_event_off)[0], new, old)
+        return not (_unpack_u16(self._used, 0)[0] & VIRTQ_USED_F_NO_NOTIFY)
 
     def has_used(self) -> bool:
         """Whether the device has returned chains not reaped yet."""
-        return self._used_h[1] != self._last_used
+        return bool(_unpack_u16(self._used, 2)[0] != self._last_used)
 
     def reap(self, limit: int | None = None) -> list[Completion]:
         """Take the chains the device has returned, oldest first.
@@ -703,7 +619,7 @@ class SplitDriverQueue(_DriverBuffers):
         if self.broken:
             raise VirtqueueBrokenError(self.broken_reason or "queue broken")
         used = self._used
-        idx = self._used_h[1]
+        idx = _unpack_u16(used, 2)[0]
         lu = self._last_used
         n = (idx - lu) & 0xFFFF
         out: list[Completion] = []
@@ -718,7 +634,6 @@ class SplitDriverQueue(_DriverBuffers):
             n = min(n, limit)
         mask = self._mask
         pending = self._pending
-        free = self._free
         for _ in range(n):
             head, ln = _unpack_elem(used, 4 + 8 * (lu & mask))
             p = pending.pop(head, None)
@@ -730,26 +645,21 @@ class SplitDriverQueue(_DriverBuffers):
                 break
             lu = (lu + 1) & 0xFFFF
             self._last_used = lu
-            free.extend(p.descs)
-            if ln <= p.wlen and not p.gather and not p.owned:
-                # post_pair's requests: nothing to copy or free (tuple.__new__ skips the
-                # NamedTuple's Python-level __new__).
-                out.append(_new_tuple(Completion, (p.token, ln, b"", None, head)))
-            else:
-                out.append(self._complete(p, head, ln))
+            self._free.extend(p.descs)
+            out.append(self._complete(p, head, ln))
         return out
 
     def disable_interrupts(self) -> None:
         """Ask the device not to signal used buffers (``VIRTQ_AVAIL_F_NO_INTERRUPT``; with
         EVENT_IDX a stale ``used_event`` already suppresses them)."""
         if not self.event_idx:
-            self._avail_h[0] = VIRTQ_AVAIL_F_NO_INTERRUPT
+            _pack_u16(self._avail, 0, VIRTQ_AVAIL_F_NO_INTERRUPT)
 
     def enable_interrupts(self) -> bool:
         """Ask for a signal at the next used buffer; returns True if some are already there
         (then reap instead of waiting)."""
         if self.event_idx:
-            self._avail_h[self._used_event_h] = self._last_used
+            _pack_u16(self._avail, self._used_event_off, self._last_used)
         else:
-            self._avail_h[0] = 0
-        return self._used_h[1] != self._last_used
+            _pack_u16(self._avail, 0, 0)
+        return self.has_used()
